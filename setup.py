@@ -1,0 +1,40 @@
+"""prefjax: preference learning (reward models, DPO and friends) for Gemma-style models in JAX."""
+import setuptools
+
+RUNTIME = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "sentencepiece>=0.2.0",
+    "ml-collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "numpy>=1.26",
+    "safetensors>=0.4.3",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
+    "pyarrow>=15.0",
+    "array-record>=0.7.0",
+    "etils[epath]>=1.7",
+    "matplotlib>=3.8",
+]
+
+setuptools.setup(
+    name="prefjax",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["prefjax", "prefjax.*"]),
+    package_data={"prefjax": ["assets/**/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=RUNTIME,
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # Parity tests against Hugging Face TRL / transformers. torch==2.13.0 is the CPU build.
+        "parity": ["torch==2.13.0", "trl==1.16.0", "transformers>=4.56"],
+    },
+)
