@@ -1,0 +1,126 @@
+"""prefjax.losses: pure, jit-able preference and reward losses.
+
+Paired losses take a `PairedLogps` of SUMMED response log-probs [B] and return
+a `LossOutput` (loss [B], chosen_rewards [B], rejected_rewards [B]):
+
+  out = prefjax.losses.get("dpo")(logps, beta=0.1)
+  loss = out.loss.mean()
+
+Registries are literal dicts: `LOSSES` (paired, `names()` / `get(name)`),
+`TOKEN_LEVEL_LOSSES` (`TokenLogps`; `token_level_names()` /
+`get_token_level(name)`) and `UNPAIRED_LOSSES` (`UnpairedLogps`;
+`unpaired_names()` / `get_unpaired(name)`). `bco` is unpaired but stateful
+(explicit `BCOState`) and so has its own entry point.
+
+Hyperparameters are keyword-only and use TRL's names and defaults.
+Batch-level losses (whose loss[i] is not a function of pair i alone): `aot`,
+`aot_unpaired` (sort over the batch), `sft`, and `cpo`/`orpo`/`rrhf`/`slic` with
+nll_normalization="batch". Under data parallelism they need the whole batch
+(jit over a sharded global array does that).
+"""
+from typing import Callable
+
+from prefjax.losses.metrics import paired_metrics, unpaired_metrics
+from prefjax.losses.paired import (
+    F_DIVERGENCES, aot, aot_unpaired, apo_down, apo_zero, bco_pair, discopop, dpop,
+    exo_pair, f_divergence_scores, hinge, ipo, nca_pair, rdpo, robust, sft, sigmoid,
+    sigmoid_norm, sppo_hard)
+from prefjax.losses.reference_free import cpo, orpo, rrhf, simpo, slic
+from prefjax.losses.reward import (
+    bradley_terry, combine_heads, combine_transformed_rewards, kwise_ranking,
+    log_sigmoid_transform, multi_head_bradley_terry, reward_centering, reward_model_loss)
+from prefjax.losses.token_level import ld_dpo, ld_paired, tdpo1, tdpo2, to_paired
+from prefjax.losses.types import (
+    LossOutput, PairedLogps, TokenLogps, UnpairedLogps, UnpairedLossOutput)
+from prefjax.losses.unpaired import BCOState, apo_zero_unpaired, bco, kto, kto_reference_point
+
+# Paired losses over `PairedLogps`. Keys of the DPO family are TRL's `loss_type`s.
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "sigmoid": sigmoid,
+    "dpo": sigmoid,
+    "hinge": hinge,
+    "ipo": ipo,
+    "exo_pair": exo_pair,
+    "nca_pair": nca_pair,
+    "robust": robust,
+    "bco_pair": bco_pair,
+    "sppo_hard": sppo_hard,
+    "aot": aot,
+    "aot_unpaired": aot_unpaired,
+    "apo_zero": apo_zero,
+    "apo_down": apo_down,
+    "discopop": discopop,
+    "sigmoid_norm": sigmoid_norm,
+    "sft": sft,
+    "rdpo": rdpo,
+    "dpop": dpop,
+    "simpo": simpo,
+    "cpo": cpo,
+    "orpo": orpo,
+    "rrhf": rrhf,
+    "slic": slic,
+}
+
+# Token-level losses over `TokenLogps` [B, L].
+TOKEN_LEVEL_LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "tdpo": tdpo2,
+    "tdpo1": tdpo1,
+    "tdpo2": tdpo2,
+    "ld_dpo": ld_dpo,
+}
+
+# Unpaired, stateless losses over `UnpairedLogps`.
+UNPAIRED_LOSSES: dict[str, Callable[..., UnpairedLossOutput]] = {
+    "kto": kto,
+    "apo_zero_unpaired": apo_zero_unpaired,
+}
+
+
+def _lookup(table: dict, name: str, kind: str) -> Callable:
+  try:
+    return table[name]
+  except KeyError:
+    raise ValueError(f"Unknown {kind} loss {name!r}; registered: {sorted(table)}") from None
+
+
+def names() -> list[str]:
+  """Sorted names of every registered paired loss (aliases included)."""
+  return sorted(LOSSES)
+
+
+def get(name: str) -> Callable[..., LossOutput]:
+  """The paired loss registered as `name`; ValueError listing the names if unknown."""
+  return _lookup(LOSSES, name, "paired")
+
+
+def token_level_names() -> list[str]:
+  """Sorted names of the token-level losses (inputs: `TokenLogps`)."""
+  return sorted(TOKEN_LEVEL_LOSSES)
+
+
+def get_token_level(name: str) -> Callable[..., LossOutput]:
+  """The token-level loss registered as `name`; ValueError if unknown."""
+  return _lookup(TOKEN_LEVEL_LOSSES, name, "token-level")
+
+
+def unpaired_names() -> list[str]:
+  """Sorted names of the stateless unpaired losses (inputs: `UnpairedLogps`)."""
+  return sorted(UNPAIRED_LOSSES)
+
+
+def get_unpaired(name: str) -> Callable[..., UnpairedLossOutput]:
+  """The unpaired loss registered as `name`; ValueError if unknown."""
+  return _lookup(UNPAIRED_LOSSES, name, "unpaired")
+
+
+__all__ = [
+    "LOSSES", "TOKEN_LEVEL_LOSSES", "UNPAIRED_LOSSES", "names", "get",
+    "token_level_names", "get_token_level", "unpaired_names", "get_unpaired",
+    "PairedLogps", "LossOutput", "TokenLogps", "UnpairedLogps", "UnpairedLossOutput",
+    "BCOState", "F_DIVERGENCES", "f_divergence_scores", "paired_metrics", "unpaired_metrics",
+    "to_paired", "ld_paired", "kto_reference_point",
+    "bradley_terry", "reward_centering", "reward_model_loss", "kwise_ranking",
+    "log_sigmoid_transform", "combine_transformed_rewards", "combine_heads",
+    "multi_head_bradley_terry",
+] + sorted(set(f.__name__ for f in LOSSES.values()) | {"tdpo1", "tdpo2", "ld_dpo", "kto",
+                                                      "apo_zero_unpaired", "bco"})
