@@ -1,0 +1,260 @@
+"""Scores eval sets batch by batch and turns the scores into metrics, reports and plots.
+
+`score_pairs_fn(batch) -> (chosen_scores, rejected_scores)` is whatever model scores a
+pair: an explicit reward model's head at the last response token, or a policy's
+implicit reward (`prefjax.eval.implicit.score_fn_from_logps`). The runner only sees
+numpy batch dicts in `prefjax.data`'s pair layouts (docs/internals.md):
+
+  padded         `loss_mask` [B, 2, L]; scores [B]; validity `pair_mask` / `example_mask` [B]
+  packed         `loss_mask`, `segment_ids` [R, L]; `pair_mask` [R, S]; scores [R, S]
+                 (pair p of a row: chosen = segment 2p+1, rejected = segment 2p+2)
+  prompt_shared  as packed plus `branch_ids` [R, L] (1 chosen, 2 rejected; segment p+1)
+
+Validity masks mark the real pairs (0 = padding of the last batch, or a pair the data
+pipeline labelled a tie); response lengths are the `loss_mask` counts per sequence, or
+`chosen_lengths` / `rejected_lengths` when the batch has them. A batch without any
+validity key counts every pair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import tqdm
+
+from prefjax.eval import metrics as metrics_lib
+from prefjax.eval import registry
+
+ScorePairsFn = Callable[[dict], tuple[Any, Any]]
+BatchSource = Union[Iterable[dict], Callable[[int], Iterable[dict]]]
+
+# Re-exported: the registry of named sets lives in prefjax/eval/registry.py.
+EVAL_SETS = registry.EVAL_SETS
+EvalSetSpec = registry.EvalSetSpec
+default_shared_data_dir = registry.default_shared_data_dir
+resolve_path = registry.resolve_path
+
+
+@dataclasses.dataclass
+class ScoredPairs:
+  """Scores and lengths of the valid pairs of one set, in data order.
+
+  Attributes:
+    chosen: [N] scores of the chosen responses.
+    rejected: [N] scores of the rejected responses.
+    chosen_lengths: [N] response token counts (NaN where unknown).
+    rejected_lengths: [N] response token counts (NaN where unknown).
+  """
+  chosen: np.ndarray
+  rejected: np.ndarray
+  chosen_lengths: np.ndarray
+  rejected_lengths: np.ndarray
+
+  @property
+  def has_lengths(self) -> bool:
+    return bool(self.chosen.size) and not (np.isnan(self.chosen_lengths).any()
+                                           or np.isnan(self.rejected_lengths).any())
+
+
+@dataclasses.dataclass
+class SetResult:
+  """What `evaluate_sets` returns per set: the metrics dict and the raw scores."""
+  name: str
+  tag: Optional[str]
+  metrics: dict[str, Any]
+  scores: ScoredPairs
+
+
+def _segment_counts(loss_mask: np.ndarray, index: np.ndarray, num: int) -> np.ndarray:
+  """[R, num] sums of loss_mask per sequence index (index < 0 is ignored)."""
+  rows = np.broadcast_to(np.arange(loss_mask.shape[0])[:, None], index.shape)
+  counts = np.zeros((loss_mask.shape[0], num + 1), np.float64)
+  idx = np.where((index >= 0) & (index < num), index, num)
+  np.add.at(counts, (rows, idx), loss_mask.astype(np.float64))
+  return counts[:, :num]
+
+
+def batch_pair_lengths(batch: Mapping[str, Any], num_pairs_shape: tuple[int, ...]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """(chosen, rejected) response lengths of each pair slot of a batch.
+
+  Args:
+    batch: a numpy batch in one of the pair layouts (module docstring).
+    num_pairs_shape: shape of the pair slots: (B,) padded, (R, S) packed/prompt-shared.
+
+  Returns:
+    two float arrays of `num_pairs_shape` (NaN when the batch has no `loss_mask`).
+  """
+  if "chosen_lengths" in batch and "rejected_lengths" in batch:
+    return (np.asarray(batch["chosen_lengths"], np.float64).reshape(num_pairs_shape),
+            np.asarray(batch["rejected_lengths"], np.float64).reshape(num_pairs_shape))
+  if "loss_mask" not in batch:
+    nan = np.full(num_pairs_shape, np.nan)
+    return nan, nan.copy()
+  lm = np.asarray(batch["loss_mask"])
+  if lm.ndim == 3:  # padded [B, 2, L]
+    counts = lm.astype(np.float64).sum(-1)
+    return counts[:, 0].reshape(num_pairs_shape), counts[:, 1].reshape(num_pairs_shape)
+  if len(num_pairs_shape) != 2 or "segment_ids" not in batch:
+    raise ValueError("a packed / prompt-shared batch (loss_mask [R, L]) needs `segment_ids` "
+                     f"and a `pair_mask` [R, S]; got pair slots of shape {num_pairs_shape}")
+  rows, slots = num_pairs_shape
+  seg = np.asarray(batch["segment_ids"]).astype(np.int64)
+  if "branch_ids" in batch:  # prompt-shared: sequence 2·(seg−1) + (branch−1)
+    br = np.asarray(batch["branch_ids"]).astype(np.int64)
+    index = np.where((seg > 0) & (br > 0), 2 * (seg - 1) + (br - 1), -1)
+  else:  # packed: chosen of pair p = segment 2p+1, rejected = 2p+2
+    index = np.where(seg > 0, seg - 1, -1)
+  counts = _segment_counts(lm, index, 2 * slots).reshape(rows, slots, 2)
+  return counts[..., 0].reshape(num_pairs_shape), counts[..., 1].reshape(num_pairs_shape)
+
+
+def batch_pair_mask(batch: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+  """Validity of each pair slot: `pair_mask`, else `example_mask`, else all ones."""
+  for key in ("pair_mask", "example_mask"):
+    if key in batch:
+      m = np.asarray(batch[key])
+      if m.size != int(np.prod(shape)):
+        raise ValueError(f"batch[{key!r}] has shape {m.shape}, scores have shape {shape}")
+      return m.reshape(shape).astype(bool)
+  return np.ones(shape, bool)
+
+
+def _pair_slot_shape(batch: Mapping[str, Any], scores: np.ndarray) -> tuple[int, ...]:
+  for key in ("pair_mask", "example_mask"):
+    if key in batch:
+      return tuple(np.shape(batch[key]))
+  return scores.shape
+
+
+def score_batches(score_pairs_fn: ScorePairsFn, batches: Iterable[dict], *,
+                  desc: Optional[str] = None, total: Optional[int] = None,
+                  progress: bool = True) -> ScoredPairs:
+  """Runs `score_pairs_fn` over the batches and keeps the scores of the valid pairs.
+
+  Args:
+    score_pairs_fn: `batch -> (chosen [B] or [R, S], rejected [same])`.
+    batches: iterable of numpy batch dicts (module docstring), in data order.
+    desc: progress-bar label; total: number of batches, if known (else `len(batches)`).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    `ScoredPairs` of the valid pairs, concatenated in order.
+  """
+  if total is None and hasattr(batches, "__len__"):
+    total = len(batches)  # type: ignore[arg-type]
+  parts: list[tuple[np.ndarray, ...]] = []
+  for batch in tqdm.tqdm(batches, desc=desc, total=total, disable=not progress,
+                         unit="batch", leave=False):
+    chosen, rejected = score_pairs_fn(batch)
+    chosen = np.asarray(chosen, np.float64)
+    rejected = np.asarray(rejected, np.float64)
+    shape = _pair_slot_shape(batch, chosen)
+    chosen, rejected = chosen.reshape(shape), rejected.reshape(shape)
+    keep = batch_pair_mask(batch, shape)
+    lc, lr = batch_pair_lengths(batch, shape)
+    parts.append(tuple(a[keep] for a in (chosen, rejected, lc, lr)))
+  if not parts:
+    empty = np.zeros((0,), np.float64)
+    return ScoredPairs(empty, empty.copy(), empty.copy(), empty.copy())
+  return ScoredPairs(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+
+
+def scored_metrics(scores: ScoredPairs, *, ties: str = "half", bootstrap: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+  """`metrics.pair_metrics` of a `ScoredPairs` (length buckets when lengths are known)."""
+  lengths = (scores.chosen_lengths, scores.rejected_lengths) if scores.has_lengths else (None, None)
+  return metrics_lib.pair_metrics(scores.chosen, scores.rejected, chosen_lengths=lengths[0],
+                                  rejected_lengths=lengths[1], ties=ties,
+                                  bootstrap=bootstrap, seed=seed)
+
+
+def evaluate_sets(score_pairs_fn: ScorePairsFn, eval_sets: Mapping[str, BatchSource], *,
+                  batch_size: int, tags: Optional[Mapping[str, str]] = None,
+                  ties: str = "half", bootstrap: int = 1000, seed: int = 0,
+                  progress: bool = True) -> dict[str, SetResult]:
+  """Evaluates one scorer on several sets.
+
+  Args:
+    score_pairs_fn: `batch -> (chosen_scores, rejected_scores)` (module docstring).
+    eval_sets: set name -> an iterable of batches, or a callable `batch_size ->
+      iterable` (e.g. from `registry_sources`), called once here.
+    batch_size: passed to callable sources.
+    tags: set name -> "id" / "ood"; default: the registry's tags for registered names.
+    ties, bootstrap, seed: see `metrics.pair_metrics`.
+    progress: tqdm progress bar per set.
+
+  Returns:
+    {name: SetResult}, in the order of `eval_sets`.
+  """
+  tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
+  out = {}
+  for name, source in eval_sets.items():
+    batches = source(batch_size) if callable(source) else source
+    scores = score_batches(score_pairs_fn, batches, desc=f"eval {name}", progress=progress)
+    out[name] = SetResult(name, tags.get(name),
+                          scored_metrics(scores, ties=ties, bootstrap=bootstrap, seed=seed),
+                          scores)
+  return out
+
+
+def registry_sources(names: Iterable[str],
+                     make_batches: Callable[[registry.EvalSetSpec, pathlib.Path, int], Iterable[dict]],
+                     *, shared_data_dir: Optional[Union[str, os.PathLike]] = None,
+                     ) -> dict[str, Callable[[int], Iterable[dict]]]:
+  """Lazy batch sources for registered sets.
+
+  Args:
+    names: registered set names (`EVAL_SETS`), e.g. `registry.OOD_SETS`.
+    make_batches: `(spec, absolute_path, batch_size) -> iterable of batches`; typically
+      a closure over the tokenizer and data config that calls prefjax.data's eval
+      iterator for `spec.format` (in order, padded last batch with a mask).
+    shared_data_dir: base dir of the files (default `default_shared_data_dir()`).
+
+  Returns:
+    {name: batch_size -> iterable}, for `evaluate_sets`. Paths are checked now, so a
+    missing file fails before any model work, naming the set and path.
+  """
+  out = {}
+  for name in names:
+    spec = registry.get_spec(name)
+    path = registry.resolve_path(name, shared_data_dir)
+    out[name] = (lambda bs, spec=spec, path=path: make_batches(spec, path, bs))
+  return out
+
+
+def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
+                        eval_sets: Mapping[str, BatchSource], *, workdir: Union[str, os.PathLike],
+                        batch_size: int, tags: Optional[Mapping[str, str]] = None,
+                        ties: str = "half", bootstrap: int = 1000, seed: int = 0,
+                        plots: bool = True, progress: bool = True,
+                        meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+  """Evaluates one or more scorers (e.g. {"explicit": rm_fn, "implicit": dpo_fn}) and
+  writes `eval_results.json`, `eval_results.md`, `eval_results.html` and PNG plots.
+
+  Args:
+    score_fns: reward kind -> `score_pairs_fn`. With two kinds the report adds a
+      side-by-side comparison.
+    eval_sets: as in `evaluate_sets` (callable sources are re-created per kind).
+    workdir: output directory (created).
+    batch_size, tags, ties, bootstrap, seed, progress: as in `evaluate_sets`.
+    plots: also write the PNG figures (`prefjax.eval.plots`).
+    meta: extra JSON-able info stored under "meta" (checkpoint, β, step, ...).
+
+  Returns:
+    {"results": {kind: {name: SetResult}}, "files": {label: path}}.
+  """
+  from prefjax.eval import report  # pylint: disable=import-outside-toplevel
+  tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
+  results = {kind: evaluate_sets(fn, eval_sets, batch_size=batch_size, tags=tags, ties=ties,
+                                 bootstrap=bootstrap, seed=seed, progress=progress)
+             for kind, fn in score_fns.items()}
+  by_kind = {kind: {n: r.metrics for n, r in res.items()} for kind, res in results.items()}
+  files = report.write_report(workdir, by_kind, tags=tags, meta=meta)
+  if plots:
+    from prefjax.eval import plots as plots_lib  # pylint: disable=import-outside-toplevel
+    files.update(plots_lib.write_eval_plots(workdir, results))
+  return {"results": results, "files": files}
