@@ -1,0 +1,932 @@
+"""prefjax vs TRL on the same model, weights and batches: A/B interleaved, in one invocation.
+
+What it does
+  1. Builds a Gemma-1-style model in `transformers` (GemmaForCausalLM; default: vocab 32000,
+     hidden 512, 8 layers, 8 heads, 1 KV head, head_dim 64, MLP 2048, float32, ~46M params, no
+     gradient checkpointing) from a seed and `save_pretrained`s it (policy), plus an independently
+     seeded reference model (so the first DPO loss is not trivially log 2) and a
+     GemmaForSequenceClassification reward model (policy trunk + a seeded score head).
+  2. Builds the batches once (`--data synthetic`: seeded token ids, prompt 64, responses
+     64..192 tokens; `--data hh`: HH-RLHF helpful-base pairs tokenised with the shipped
+     Mistral-v1 SentencePiece model) and writes them as token ids, so both sides see
+     identical token ids in the same order.
+  3. Starts one worker subprocess per (side, configuration) of a comparison group and steps
+     them in turn (round robin, rotating the order every round), so both sides see the same
+     machine load; each worker is its own process, so its peak RSS (`VmHWM`) is clean.
+     - TRL side: `trl.DPOTrainer` (live reference model, or `precompute_ref_log_probs=True`)
+       and `trl.RewardTrainer`, driven by `Trainer.train()`; a callback holds each step until
+       the orchestrator says go and times `on_step_begin -> on_step_end` (forward, backward,
+       clipping, AdamW). The only override is `_prepare_dataset` (returns the already
+       tokenised ids instead of re-tokenising text); collator, forward, loss and optimizer are
+       TRL's / transformers'.
+     - prefjax side: the same HF checkpoint imported with `prefjax.models.load_hf_checkpoint`,
+       a jitted train step (see `_PrefjaxWorker`), AdamW with the same hyper-parameters.
+  4. Prints per-side figures and, as its LAST line, one JSON object with `speedup_equal_work`,
+     `speedup_best`, `reward_speedup`, `memory_ratio_equal_work`, `first_loss_rel_diff`, ...
+
+Figures: median step time over the post-warm-up steps; real tokens/s = non-padding tokens
+(prompt + response, both sequences of a pair) / step time (median over steps); MFU = model
+FLOPs / step time / peak float32 matmul FLOP/s (`benchmarks/peak.py`). Model FLOPs: 6·N·tokens
+for the trained model + 2·N·tokens for a live reference forward, N = parameters touched by
+matmuls (non-embedding + the tied LM head), plus causal attention 2·2·layers·heads·head_dim·T²/2
+per sequence (×3 trained, ×1 reference). No time is asserted anywhere.
+
+Usage:
+  python benchmarks/compare_trl.py                         # full: 1 warm-up + 3 steps per side
+  python benchmarks/compare_trl.py --steps 5 --warmup 2 --groups dpo_ref reward
+  python benchmarks/compare_trl.py --data hh --groups dpo_ref
+  python benchmarks/compare_trl.py --tiny                  # tiny model, 2 steps (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Optional, Sequence
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+_TOKENIZER = os.path.join(_REPO, "prefjax", "assets", "tokenizers", "mistral_v1", "tokenizer.model")
+_HH = os.path.join(_REPO, "prefjax", "assets", "data", "hh_rlhf_helpful_base", "test.jsonl.gz")
+
+# Comparison groups: each is stepped round-robin in one go. (side, config) pairs.
+GROUPS: dict[str, list[tuple[str, str]]] = {
+    "dpo_ref": [("trl", "dpo_ref"), ("prefjax", "dpo_ref")],
+    "dpo_precomputed": [("trl", "dpo_precomputed"), ("prefjax", "dpo_precomputed"),
+                        ("prefjax", "simpo"), ("prefjax", "dpo_ref_packed")],
+    "reward": [("trl", "reward"), ("prefjax", "reward")],
+}
+DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec shared by the orchestrator and the workers.
+
+
+@dataclasses.dataclass
+class Spec:
+  """Everything a worker needs; written to `workdir/spec.json`."""
+  vocab_size: int = 32000
+  hidden_size: int = 512
+  num_layers: int = 8
+  num_heads: int = 8
+  num_kv_heads: int = 1
+  head_dim: int = 64
+  intermediate_size: int = 2048
+  batch_pairs: int = 8
+  prompt_len: int = 64
+  min_response: int = 64
+  max_response: int = 192
+  data: str = "synthetic"
+  seed: int = 0
+  steps: int = 3
+  warmup: int = 1
+  learning_rate: float = 1e-6
+  beta: float = 0.1
+  simpo_beta: float = 2.0
+  simpo_gamma: float = 0.5
+  max_grad_norm: float = 1.0
+  pad_id: int = 2
+  workdir: str = ""
+  prefjax_step: str = "auto"  # auto | train | local
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps + self.warmup
+
+
+def tiny_spec(spec: Spec) -> Spec:
+  """The `--tiny` smoke-test sizes: runs in seconds on one CPU."""
+  return dataclasses.replace(spec, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                             num_kv_heads=1, head_dim=16, intermediate_size=128, batch_pairs=2,
+                             prompt_len=8, min_response=8, max_response=16, steps=1, warmup=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: token ids, identical for both sides.
+
+
+def make_examples(spec: Spec) -> list[dict[str, list[int]]]:
+  """`total_steps * batch_pairs` examples {prompt_ids, chosen_ids, rejected_ids}, in step order.
+
+  Synthetic: prompt = BOS + (prompt_len - 1) uniform ids; responses uniform length in
+  [min_response, max_response], ids uniform in [3, vocab) (never pad/BOS/EOS).
+  HH-RLHF: prompt = everything up to the last "\\n\\nAssistant:", tokenised with the shipped
+  SentencePiece model, BOS + its last (prompt_len - 1) tokens; responses truncated to
+  max_response tokens; pairs with a response shorter than min_response are skipped; the
+  retained pairs are cycled if more are needed.
+  """
+  import numpy as np
+
+  n = spec.total_steps * spec.batch_pairs
+  if spec.data == "synthetic":
+    rng = np.random.default_rng(spec.seed)
+    out = []
+    for _ in range(n):
+      prompt = [1] + rng.integers(3, spec.vocab_size, spec.prompt_len - 1).tolist()
+      lc, lr = rng.integers(spec.min_response, spec.max_response + 1, 2).tolist()
+      out.append({"prompt_ids": prompt,
+                  "chosen_ids": rng.integers(3, spec.vocab_size, lc).tolist(),
+                  "rejected_ids": rng.integers(3, spec.vocab_size, lr).tolist()})
+    return out
+  if spec.data != "hh":
+    raise ValueError(f"--data {spec.data!r}: expected synthetic or hh")
+  import sentencepiece as spm
+
+  sp = spm.SentencePieceProcessor(model_file=_TOKENIZER)
+  marker = "\n\nAssistant:"
+  pool = []
+  with gzip.open(_HH, "rt", encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      chosen, rejected = rec["chosen"], rec["rejected"]
+      cut = chosen.rfind(marker)
+      if cut < 0:
+        continue
+      prompt = chosen[:cut + len(marker)]
+      if not rejected.startswith(prompt):
+        continue
+      p = sp.encode(prompt)[-(spec.prompt_len - 1):]
+      c = sp.encode(chosen[len(prompt):])[:spec.max_response]
+      r = sp.encode(rejected[len(prompt):])[:spec.max_response]
+      if len(c) < spec.min_response or len(r) < spec.min_response:
+        continue
+      if max(p + c + r) >= spec.vocab_size:
+        continue
+      pool.append({"prompt_ids": [1] + p, "chosen_ids": c, "rejected_ids": r})
+  if not pool:
+    raise RuntimeError(f"{_HH}: no pair has both responses >= {spec.min_response} tokens")
+  return [pool[i % len(pool)] for i in range(n)]
+
+
+def batch_token_counts(spec: Spec, examples: list[dict[str, list[int]]]) -> list[dict[str, int]]:
+  """Per step: real tokens (both sequences of each pair), padded tokens, sum of squared lengths."""
+  out = []
+  for s in range(spec.total_steps):
+    batch = examples[s * spec.batch_pairs:(s + 1) * spec.batch_pairs]
+    lens = []
+    for ex in batch:
+      lp = len(ex["prompt_ids"])
+      lens += [lp + len(ex["chosen_ids"]), lp + len(ex["rejected_ids"])]
+    out.append({"real_tokens": sum(lens), "padded_tokens": len(lens) * max(lens),
+                "sum_sq_len": sum(l * l for l in lens)})
+  return out
+
+
+def matmul_params(spec: Spec, lm_head: bool = True) -> int:
+  """N for 6·N·tokens: every weight a token's matmuls touch (embedding lookup excluded)."""
+  d, h, q = spec.hidden_size, spec.head_dim, spec.num_heads
+  attn = d * q * h * 2 + d * spec.num_kv_heads * h * 2
+  mlp = 3 * d * spec.intermediate_size
+  n = spec.num_layers * (attn + mlp)
+  return n + (spec.vocab_size * d if lm_head else d)
+
+
+def model_flops(spec: Spec, counts: dict[str, int], *, train_passes: float, ref_passes: float,
+                lm_head: bool = True) -> float:
+  """Model FLOPs of one step: (2·train_passes·3 + 2·ref_passes)·(N·T + causal attention)."""
+  n = matmul_params(spec, lm_head)
+  attn_fwd = 2 * 2 * spec.num_layers * spec.num_heads * spec.head_dim * counts["sum_sq_len"] / 2
+  fwd = 2 * n * counts["real_tokens"] + attn_fwd
+  return 3 * train_passes * fwd + ref_passes * fwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (transformers side, shared by both workers).
+
+
+def build_checkpoints(spec: Spec) -> dict[str, str]:
+  """Seeded HF policy / reference / reward checkpoints under `spec.workdir`; returns their dirs."""
+  import torch
+  from transformers import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification
+
+  cfg = GemmaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                    intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                    num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+                    head_dim=spec.head_dim, max_position_embeddings=8192, pad_token_id=spec.pad_id,
+                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+  dirs = {k: os.path.join(spec.workdir, k) for k in ("policy", "reference", "reward")}
+  torch.manual_seed(spec.seed)
+  policy = GemmaForCausalLM(cfg).to(torch.float32)
+  policy.save_pretrained(dirs["policy"])
+  torch.manual_seed(spec.seed + 1)
+  GemmaForCausalLM(cfg).to(torch.float32).save_pretrained(dirs["reference"])
+  rm_cfg = GemmaConfig(**{**cfg.to_dict(), "num_labels": 1})
+  rm_cfg.num_labels = 1
+  torch.manual_seed(spec.seed + 2)
+  rm = GemmaForSequenceClassification(rm_cfg).to(torch.float32)
+  rm.model.load_state_dict(policy.model.state_dict())
+  rm.save_pretrained(dirs["reward"])
+  return dirs
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker plumbing.
+
+
+class _Channel:
+  """Worker side: commands on stdin, JSON replies on a dedicated fd (stdout stays free)."""
+
+  def __init__(self, fd: int):
+    self._out = os.fdopen(fd, "w", buffering=1)
+
+  def send(self, **msg: Any) -> None:
+    self._out.write(json.dumps(msg) + "\n")
+    self._out.flush()
+
+  def wait_go(self) -> None:
+    line = sys.stdin.readline()
+    if not line or line.strip() != "go":
+      raise SystemExit(0)
+
+
+def _vm_hwm_bytes() -> int:
+  """Peak resident set size of this process (VmHWM), bytes."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL worker.
+
+
+def _run_trl_worker(spec: Spec, config: str, chan: _Channel) -> None:
+  """Runs TRL's trainer for `spec.total_steps` steps, one step per `go`."""
+  import torch
+  import transformers
+  import trl
+  from datasets import Dataset
+  from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                            LlamaTokenizer, TrainerCallback)
+
+  t_setup = time.perf_counter()
+  torch.manual_seed(spec.seed)
+  with open(os.path.join(spec.workdir, "examples.json")) as f:
+    examples = json.load(f)
+  dirs = {k: os.path.join(spec.workdir, k) for k in ("policy", "reference", "reward")}
+  # Only the pad / EOS ids of the tokenizer are used (the data is already token ids).
+  tok = LlamaTokenizer(vocab_file=_TOKENIZER)
+  tok.pad_token = tok.eos_token
+  losses: list[float] = []
+  logps: list[tuple[float, float]] = []
+  state: dict[str, Any] = {}
+
+  class _Step(TrainerCallback):
+    """Holds each optimizer step until `go`; times on_step_begin -> on_step_end."""
+
+    def on_step_begin(self, args, st, control, **kw):
+      chan.wait_go()
+      state["t0"] = time.perf_counter()
+
+    def on_step_end(self, args, st, control, **kw):
+      dt = time.perf_counter() - state["t0"]
+      msg = {"event": "step", "time": dt, "loss": losses[-1] if losses else None}
+      if logps:
+        msg["logps_chosen_mean"], msg["logps_rejected_mean"] = logps[-1]
+      chan.send(**msg)
+
+  common = dict(output_dir=os.path.join(spec.workdir, f"trl_{config}"),
+                per_device_train_batch_size=spec.batch_pairs, gradient_accumulation_steps=1,
+                max_steps=spec.total_steps, learning_rate=spec.learning_rate,
+                lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+                weight_decay=0.0, max_grad_norm=spec.max_grad_norm, logging_steps=1,
+                report_to="none", save_strategy="no", seed=spec.seed, use_cpu=True,
+                bf16=False, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
+                train_sampling_strategy="sequential", disable_tqdm=True)
+
+  if config in ("dpo_ref", "dpo_precomputed"):
+    class _DPO(trl.DPOTrainer):
+      """TRL's DPOTrainer fed pre-tokenised ids (tokenisation skipped, nothing else changed)."""
+
+      def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+      def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if isinstance(out, tuple) else out
+        losses.append(float(loss.detach()))
+        m = self._metrics["train"]
+        if m.get("logps/chosen"):
+          logps.append((m["logps/chosen"][-1], m["logps/rejected"][-1]))
+        return out
+
+    ds = Dataset.from_list(examples)
+    cache = os.path.join(spec.workdir, f"ds_{config}")
+    ds.save_to_disk(cache)  # an on-disk dataset, so precompute can write its cache file
+    from datasets import load_from_disk
+    ds = load_from_disk(cache)
+    args = trl.DPOConfig(**common, beta=spec.beta, loss_type=["sigmoid"], max_length=None,
+                         precompute_ref_log_probs=(config == "dpo_precomputed"),
+                         disable_dropout=True)
+    model = AutoModelForCausalLM.from_pretrained(dirs["policy"], dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(dirs["reference"], dtype=torch.float32)
+    trainer = _DPO(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                   callbacks=[_Step()])
+    if config == "dpo_precomputed":
+      trainer.ref_model = None  # as TRL itself does without an explicit ref_model
+      del ref
+  elif config == "reward":
+    class _RM(trl.RewardTrainer):
+      """TRL's RewardTrainer, recording each step's loss."""
+
+      def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if isinstance(out, tuple) else out
+        losses.append(float(loss.detach()))
+        return out
+
+    ds = Dataset.from_list([{"chosen_ids": e["prompt_ids"] + e["chosen_ids"],
+                             "rejected_ids": e["prompt_ids"] + e["rejected_ids"]}
+                            for e in examples])
+    args = trl.RewardConfig(**common, max_length=None, disable_dropout=True)
+    model = AutoModelForSequenceClassification.from_pretrained(dirs["reward"], num_labels=1,
+                                                               dtype=torch.float32)
+    trainer = _RM(model=model, args=args, train_dataset=ds, processing_class=tok,
+                  callbacks=[_Step()])
+  else:
+    raise ValueError(f"unknown TRL config {config!r}")
+  chan.send(event="ready", setup_s=time.perf_counter() - t_setup,
+            versions={"trl": trl.__version__, "transformers": transformers.__version__,
+                      "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+            attn_implementation=getattr(trainer.model.config, "_attn_implementation", None))
+  trainer.train()
+  chan.send(event="done", vm_hwm=_vm_hwm_bytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# prefjax worker.
+
+
+def _pad_pairs(spec: Spec, batch: list[dict[str, list[int]]], length: int) -> dict[str, Any]:
+  """The `pairs, padded` layout of docs/internals.md, [B, 2, L], built from token ids."""
+  import numpy as np
+
+  b = len(batch)
+  arrays = {k: np.zeros((b, 2, length), np.int32) for k in ("tokens", "targets", "positions",
+                                                            "segment_ids")}
+  arrays["loss_mask"] = np.zeros((b, 2, length), np.float32)
+  for i, ex in enumerate(batch):
+    for j, resp in enumerate((ex["chosen_ids"], ex["rejected_ids"])):
+      seq = ex["prompt_ids"] + resp
+      n = len(seq)
+      arrays["tokens"][i, j, :n] = seq
+      arrays["tokens"][i, j, n:] = spec.pad_id
+      arrays["targets"][i, j, :n - 1] = seq[1:]
+      # loss_mask[t] = 1 where targets[t] (= seq[t+1]) is a response token.
+      arrays["loss_mask"][i, j, len(ex["prompt_ids"]) - 1:n - 1] = 1.0
+      arrays["positions"][i, j, :n] = np.arange(n)
+      arrays["segment_ids"][i, j, :n] = 1
+  return arrays
+
+
+def _pack_pairs(spec: Spec, batch: list[dict[str, list[int]]], row_len: int) -> dict[str, Any]:
+  """The `pairs, packed` layout: pairs placed first-fit into rows of `row_len` tokens."""
+  import numpy as np
+
+  rows: list[list[dict[str, list[int]]]] = []
+  used: list[int] = []
+  for ex in batch:
+    need = 2 * len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"])
+    for r in range(len(rows)):
+      if used[r] + need <= row_len:
+        rows[r].append(ex)
+        used[r] += need
+        break
+    else:
+      rows.append([ex])
+      used.append(need)
+  s = max(len(r) for r in rows)
+  nr = len(rows)
+  a = {k: np.zeros((nr, row_len), np.int32) for k in ("tokens", "targets", "positions",
+                                                      "segment_ids")}
+  a["tokens"][:] = spec.pad_id
+  a["loss_mask"] = np.zeros((nr, row_len), np.float32)
+  a["pair_mask"] = np.zeros((nr, s), np.float32)
+  for r, row in enumerate(rows):
+    off = 0
+    for p, ex in enumerate(row):
+      a["pair_mask"][r, p] = 1.0
+      for j, resp in enumerate((ex["chosen_ids"], ex["rejected_ids"])):
+        seq = ex["prompt_ids"] + resp
+        n = len(seq)
+        a["tokens"][r, off:off + n] = seq
+        a["targets"][r, off:off + n - 1] = seq[1:]
+        a["loss_mask"][r, off + len(ex["prompt_ids"]) - 1:off + n - 1] = 1.0
+        a["positions"][r, off:off + n] = np.arange(n)
+        a["segment_ids"][r, off:off + n] = 2 * p + j + 1
+        off += n
+  return a
+
+
+class _PrefjaxWorker:
+  """Builds prefjax params from the HF checkpoints and a jitted step for one configuration.
+
+  The step is benchmark-local unless `prefjax.train` exposes a usable step (see
+  `_train_step_from_library`): forward_hidden -> ops.token_logps_from_hidden (chunked LM head,
+  never [B,T,V]) -> ops.sequence_logps / segment_logps -> losses.get(name) -> mean -> grads ->
+  optax (clip by global norm, AdamW), jitted once with donated params/opt state.
+  """
+
+  def __init__(self, spec: Spec, config: str):
+    import jax
+    import numpy as np
+    import optax
+    import prefjax
+
+    self.spec, self.config = spec, config
+    self.jax, self.np = jax, np
+    with open(os.path.join(spec.workdir, "examples.json")) as f:
+      self.examples = json.load(f)
+    models = prefjax.models
+    self.length = spec.prompt_len + spec.max_response
+    if config == "reward":
+      self.cfg, self.params = _load_reward_params(spec)
+    else:
+      self.cfg, self.params = models.load_hf_checkpoint(os.path.join(spec.workdir, "policy"))
+    self.ref_params = None
+    if config in ("dpo_ref", "dpo_precomputed", "dpo_ref_packed"):
+      _, self.ref_params = models.load_hf_checkpoint(os.path.join(spec.workdir, "reference"))
+    self.tx = optax.chain(optax.clip_by_global_norm(spec.max_grad_norm),
+                          optax.adamw(spec.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
+                                      weight_decay=0.0))
+    self.opt_state = self.tx.init(self.params)
+    self.batches = [self._make_batch(s) for s in range(spec.total_steps)]
+    self.precompute_s = 0.0
+    if config == "dpo_precomputed":
+      t0 = time.perf_counter()
+      fn = jax.jit(self._seq_logps_padded)
+      for b in self.batches:
+        rc, rr = fn(self.ref_params, b)
+        b["ref_chosen"], b["ref_rejected"] = np.asarray(rc), np.asarray(rr)
+      self.precompute_s = time.perf_counter() - t0
+      self.ref_params = None  # not resident during training
+    self.step_fn = jax.jit(self._step, donate_argnums=(0, 1))
+    self.step_kind = "benchmark-local jitted step"
+
+  # -- batches --
+  def _make_batch(self, s: int) -> dict[str, Any]:
+    spec = self.spec
+    batch = self.examples[s * spec.batch_pairs:(s + 1) * spec.batch_pairs]
+    if self.config == "dpo_ref_packed":
+      # Rows as long as the longest padded pair (prompt + 2 * max_response).
+      return _pack_pairs(spec, batch, 2 * (spec.prompt_len + spec.max_response))
+    return _pad_pairs(spec, batch, self.length)
+
+  # -- model pieces --
+  def _token_logps(self, params: Any, tokens, targets, positions, segment_ids):
+    import prefjax
+    m = prefjax.models
+    hidden = m.forward_hidden(self.cfg, params, tokens, segment_ids=segment_ids,
+                              positions=positions)
+    return prefjax.ops.token_logps_from_hidden(hidden, m.unembedding(self.cfg, params), targets,
+                                               logit_softcap=self.cfg.final_logit_softcap)
+
+  def _seq_logps_padded(self, params: Any, b: dict[str, Any]):
+    import prefjax
+    bsz, _, l = b["tokens"].shape
+    flat = {k: b[k].reshape(bsz * 2, l) for k in ("tokens", "targets", "positions",
+                                                   "segment_ids", "loss_mask")}
+    tl = self._token_logps(params, flat["tokens"], flat["targets"], flat["positions"],
+                           flat["segment_ids"])
+    sums, _ = prefjax.ops.sequence_logps(tl, flat["loss_mask"])
+    sums = sums.reshape(bsz, 2)
+    return sums[:, 0], sums[:, 1]
+
+  def _seq_logps_packed(self, params: Any, b: dict[str, Any]):
+    import prefjax
+    s = b["pair_mask"].shape[1]
+    tl = self._token_logps(params, b["tokens"], b["targets"], b["positions"], b["segment_ids"])
+    sums, _ = prefjax.ops.segment_logps(tl, b["loss_mask"], b["segment_ids"], 2 * s)
+    sums = sums.reshape(sums.shape[0], s, 2)
+    return sums[..., 0], sums[..., 1]
+
+  def _loss(self, params: Any, ref_params: Any, b: dict[str, Any]):
+    import jax.numpy as jnp
+    import prefjax
+    L = prefjax.losses
+    if self.config == "reward":
+      bsz, _, l = b["tokens"].shape
+      flat = {k: b[k].reshape(bsz * 2, l) for k in ("tokens", "positions", "segment_ids")}
+      hidden = prefjax.models.forward_hidden(self.cfg, params, flat["tokens"],
+                                             segment_ids=flat["segment_ids"],
+                                             positions=flat["positions"])
+      scores = prefjax.models.reward_scores(self.cfg, params, hidden)[..., 0]  # [2B, L]
+      last = jnp.sum(flat["segment_ids"] > 0, axis=-1) - 1
+      s = jnp.take_along_axis(scores, last[:, None], axis=-1)[:, 0].reshape(bsz, 2)
+      return jnp.mean(L.bradley_terry(s[:, 0], s[:, 1]))
+    if self.config == "dpo_ref_packed":
+      c, r = self._seq_logps_packed(params, b)
+      rc, rr = self._seq_logps_packed(jax_stop(ref_params), b)
+      mask = b["pair_mask"]
+      out = L.get("dpo")(L.PairedLogps(c, r, rc, rr), beta=self.spec.beta)
+      return jnp.sum(out.loss * mask) / jnp.sum(mask)
+    c, r = self._seq_logps_padded(params, b)
+    if self.config == "simpo":
+      lens = b["loss_mask"].sum(-1)
+      out = L.get("simpo")(L.PairedLogps(c, r, chosen_lengths=lens[:, 0],
+                                         rejected_lengths=lens[:, 1]),
+                           beta=self.spec.simpo_beta, gamma=self.spec.simpo_gamma)
+      return jnp.mean(out.loss)
+    if self.config == "dpo_precomputed":
+      rc, rr = b["ref_chosen"], b["ref_rejected"]
+    else:
+      rc, rr = self._seq_logps_padded(jax_stop(ref_params), b)
+    out = L.get("dpo")(L.PairedLogps(c, r, rc, rr), beta=self.spec.beta)
+    return jnp.mean(out.loss)
+
+  def _step(self, params, opt_state, ref_params, b):
+    import optax
+    loss, grads = self.jax.value_and_grad(self._loss)(params, ref_params, b)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def run(self, chan: _Channel, t_setup: float) -> None:
+    import jax
+    chan.send(event="ready", setup_s=time.perf_counter() - t_setup,
+              precompute_s=self.precompute_s, step_kind=self.step_kind,
+              versions={"jax": jax.__version__, "backend": jax.default_backend(),
+                        "devices": jax.device_count()})
+    for b in self.batches:
+      chan.wait_go()
+      t0 = time.perf_counter()
+      self.params, self.opt_state, loss = self.step_fn(self.params, self.opt_state,
+                                                       self.ref_params, b)
+      loss = float(loss)  # blocks until the step is done
+      chan.send(event="step", time=time.perf_counter() - t0, loss=loss)
+    chan.send(event="done", vm_hwm=_vm_hwm_bytes())
+
+
+def jax_stop(tree: Any) -> Any:
+  """`lax.stop_gradient` over a pytree (the reference model is frozen)."""
+  import jax
+  return jax.tree.map(jax.lax.stop_gradient, tree)
+
+
+def _load_reward_params(spec: Spec):
+  """prefjax reward model = the HF policy trunk + the HF score head (`score.weight` [1, D])."""
+  import numpy as np
+  import prefjax
+  from safetensors.numpy import load_file
+
+  cfg, params = prefjax.models.load_hf_checkpoint(os.path.join(spec.workdir, "policy"))
+  cfg = cfg.replace(num_reward_heads=1)
+  rm_dir = os.path.join(spec.workdir, "reward")
+  tensors = {}
+  for name in os.listdir(rm_dir):
+    if name.endswith(".safetensors"):
+      tensors.update(load_file(os.path.join(rm_dir, name)))
+  w = tensors["score.weight"].astype(np.float32)  # [1, D], no bias
+  params = dict(params)
+  params["reward_head"] = {"w": w.T.copy(), "b": np.zeros((1,), np.float32)}
+  return cfg, params
+
+
+def _run_prefjax_worker(spec: Spec, config: str, chan: _Channel) -> None:
+  t_setup = time.perf_counter()
+  worker = _PrefjaxWorker(spec, config)
+  worker.run(chan, t_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestrator.
+
+
+class _Proc:
+  """Orchestrator side of one worker subprocess."""
+
+  def __init__(self, spec: Spec, side: str, config: str, timeout: float, verbose: bool):
+    self.side, self.config, self.timeout = side, config, timeout
+    self.name = f"{side}:{config}"
+    r, w = os.pipe()
+    self.log_path = os.path.join(spec.workdir, f"log_{side}_{config}.txt")
+    self._log = open(self.log_path, "w")
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.setdefault("TQDM_DISABLE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["HF_DATASETS_CACHE"] = os.path.join(spec.workdir, "hf_datasets_cache")
+    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", f"{side}:{config}",
+           "--_workdir", spec.workdir, "--_fd", str(w)]
+    out = None if verbose else self._log
+    self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=out, env=env,
+                              pass_fds=(w,), text=True, cwd=_REPO)
+    os.close(w)
+    self._r = os.fdopen(r, "r")
+    self.steps: list[dict[str, Any]] = []
+    self.ready: dict[str, Any] = {}
+    self.done: dict[str, Any] = {}
+    self.error: Optional[str] = None
+
+  def recv(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    """Next JSON reply, or raises RuntimeError (worker died / timed out)."""
+    t = self.timeout if timeout is None else timeout
+    ready, _, _ = select.select([self._r], [], [], t)
+    line = self._r.readline() if ready else ""
+    if not line:
+      self.p.poll()
+      raise RuntimeError(f"{self.name}: no reply ({'timeout' if not ready else 'exited'}, "
+                         f"rc={self.p.returncode}); log {self.log_path}:\n{self.tail()}")
+    return json.loads(line)
+
+  def go(self) -> dict[str, Any]:
+    self.p.stdin.write("go\n")
+    self.p.stdin.flush()
+    return self.recv()
+
+  def tail(self, n: int = 3000) -> str:
+    try:
+      with open(self.log_path) as f:
+        return f.read()[-n:]
+    except OSError:
+      return ""
+
+  def close(self) -> None:
+    try:
+      if self.p.stdin:
+        self.p.stdin.close()
+    except OSError:
+      pass
+    try:
+      self.p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.p.kill()
+      self.p.wait()
+
+
+def _log(msg: str) -> None:
+  print(f"[compare_trl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_group(spec: Spec, members: list[tuple[str, str]], timeout: float,
+              verbose: bool) -> dict[str, dict[str, Any]]:
+  """Starts the group's workers, steps them round robin (rotating order), collects figures."""
+  procs: list[_Proc] = []
+  results: dict[str, dict[str, Any]] = {}
+  for side, config in members:
+    proc = _Proc(spec, side, config, timeout, verbose)
+    try:
+      proc.ready = proc.recv()
+      _log(f"{proc.name} ready ({proc.ready.get('setup_s', 0):.1f} s setup)")
+      procs.append(proc)
+    except Exception as e:  # noqa: BLE001 - one broken side must not kill the report
+      proc.error = str(e)
+      results[proc.name] = {"error": proc.error[-2000:]}
+      _log(f"{proc.name} failed to start: {proc.error[-800:]}")
+      proc.close()
+  for s in range(spec.total_steps):
+    k = s % max(1, len(procs))
+    for proc in procs[k:] + procs[:k]:
+      if proc.error:
+        continue
+      try:
+        msg = proc.go()
+        proc.steps.append(msg)
+        _log(f"{proc.name} step {s}: {msg['time']:.2f} s loss {msg.get('loss')}")
+      except Exception as e:  # noqa: BLE001
+        proc.error = str(e)
+        _log(f"{proc.name} failed at step {s}: {proc.error[-800:]}")
+  for proc in procs:
+    if not proc.error:
+      try:
+        proc.done = proc.recv()
+      except Exception as e:  # noqa: BLE001
+        proc.error = str(e)
+    proc.close()
+    results[proc.name] = {"ready": proc.ready, "steps": proc.steps, "done": proc.done,
+                          **({"error": proc.error[-2000:]} if proc.error else {})}
+  return results
+
+
+def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str, int]],
+              peak: float) -> dict[str, Any]:
+  """Per-side figures from the raw step messages."""
+  side, config = name.split(":")
+  out: dict[str, Any] = {"side": side, "config": config}
+  if raw.get("error") and not raw.get("steps"):
+    out["error"] = raw["error"]
+    return out
+  steps = raw["steps"]
+  measured = list(range(spec.warmup, len(steps)))
+  if not measured:
+    measured = list(range(len(steps)))
+  times = [steps[i]["time"] for i in measured]
+  tps = [counts[i]["real_tokens"] / steps[i]["time"] for i in measured]
+  reward = config == "reward"
+  live_ref = config in ("dpo_ref", "dpo_ref_packed")
+  flops = [model_flops(spec, counts[i], train_passes=1, ref_passes=1 if live_ref else 0,
+                       lm_head=not reward) for i in measured]
+  out.update({
+      "median_step_s": statistics.median(times),
+      "step_times_s": times,
+      "warmup_step_times_s": [steps[i]["time"] for i in range(min(spec.warmup, len(steps)))],
+      "real_tokens_per_s": statistics.median(tps),
+      "mfu_vs_peak_f32": statistics.median(f / t for f, t in zip(flops, times)) / peak,
+      "model_flops_per_step": statistics.mean(flops),
+      "first_loss": steps[0].get("loss") if steps else None,
+      "losses": [m.get("loss") for m in steps],
+      "peak_rss_gib": (raw.get("done") or {}).get("vm_hwm", float("nan")) / 2 ** 30,
+      "setup_s": raw.get("ready", {}).get("setup_s"),
+  })
+  for k in ("precompute_s", "step_kind", "versions", "attn_implementation"):
+    if k in raw.get("ready", {}):
+      out[k] = raw["ready"][k]
+  if steps and "logps_chosen_mean" in steps[0]:
+    out["first_logps_chosen_mean"] = steps[0]["logps_chosen_mean"]
+    out["first_logps_rejected_mean"] = steps[0]["logps_rejected_mean"]
+  if raw.get("error"):
+    out["error"] = raw["error"]
+  return out
+
+
+def _rel(a: Optional[float], b: Optional[float]) -> Optional[float]:
+  if a is None or b is None:
+    return None
+  return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> Optional[float]:
+  if not a or not b or key not in a or key not in b or not b[key]:
+    return None
+  return a[key] / b[key]
+
+
+def measure_peak(tiny: bool) -> float:
+  """float32 peak from benchmarks/peak.py, in a subprocess (keeps JAX out of this process)."""
+  cmd = [sys.executable, os.path.join(_HERE, "peak.py"), "--dtypes", "float32"]
+  cmd += ["--tiny"] if tiny else ["--sizes", "1024", "2048", "--repeats", "5"]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_REPO)
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_flops_float32"])
+
+
+def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+  """The whole comparison; returns the final JSON object."""
+  spec = Spec(data=args.data, seed=args.seed, steps=args.steps, warmup=args.warmup,
+              learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step)
+  if args.tiny:
+    spec = tiny_spec(spec)
+    spec.steps, spec.warmup = max(1, args.steps if args.steps_set else 1), args.warmup
+  own_tmp = None
+  if args.workdir:
+    os.makedirs(args.workdir, exist_ok=True)
+    spec.workdir = os.path.abspath(args.workdir)
+  else:
+    own_tmp = tempfile.TemporaryDirectory(prefix="compare_trl_")
+    spec.workdir = own_tmp.name
+  t_start = time.time()
+  peak = args.peak_flops or measure_peak(args.tiny)
+  _log(f"peak float32 matmul: {peak / 1e9:.1f} GFLOP/s")
+  examples = make_examples(spec)
+  with open(os.path.join(spec.workdir, "examples.json"), "w") as f:
+    json.dump(examples, f)
+  with open(os.path.join(spec.workdir, "spec.json"), "w") as f:
+    json.dump(dataclasses.asdict(spec), f)
+  counts = batch_token_counts(spec, examples)
+  build_checkpoints(spec)
+  _log(f"checkpoints + {len(examples)} examples in {spec.workdir}")
+
+  sides: dict[str, dict[str, Any]] = {}
+  for group in args.groups:
+    members = [m for m in GROUPS[group] if m[0] in args.sides]
+    if group == "dpo_precomputed" and args.no_extras:
+      members = members[:2]
+    _log(f"group {group}: {[f'{s}:{c}' for s, c in members]}")
+    raw = run_group(spec, members, args.step_timeout, args.verbose)
+    for name, r in raw.items():
+      sides[name] = summarize(spec, name, r, counts, peak)
+
+  trl_ref, pj_ref = sides.get("trl:dpo_ref"), sides.get("prefjax:dpo_ref")
+  trl_dpo = {k: v for k, v in sides.items() if k.startswith("trl:dpo") and "error" not in v}
+  pj_dpo = {k: v for k, v in sides.items()
+            if k.startswith("prefjax:") and k.split(":")[1] in DPO_CONFIGS and "error" not in v
+            and k != "prefjax:simpo"}
+  pj_any = {k: v for k, v in sides.items()
+            if k.startswith("prefjax:") and k.split(":")[1] in DPO_CONFIGS and "error" not in v}
+  best = lambda d: max(d.values(), key=lambda v: v["real_tokens_per_s"]) if d else None  # noqa: E731
+  best_trl, best_pj, best_pj_any = best(trl_dpo), best(pj_dpo), best(pj_any)
+  loss_pairs = {}
+  for cfg in ("dpo_ref", "dpo_precomputed", "reward"):
+    a, b = sides.get(f"prefjax:{cfg}"), sides.get(f"trl:{cfg}")
+    if a and b and a.get("first_loss") is not None and b.get("first_loss") is not None:
+      loss_pairs[cfg] = {"prefjax": a["first_loss"], "trl": b["first_loss"],
+                         "rel_diff": _rel(a["first_loss"], b["first_loss"])}
+  rel_diffs = [v["rel_diff"] for v in loss_pairs.values()]
+  result = {
+      "speedup_equal_work": _ratio(pj_ref, trl_ref, "real_tokens_per_s"),
+      "speedup_best": _ratio(best_pj, best_trl, "real_tokens_per_s"),
+      "speedup_best_configs": ([best_pj["config"], best_trl["config"]]
+                               if best_pj and best_trl else None),
+      "speedup_best_incl_simpo": _ratio(best_pj_any, best_trl, "real_tokens_per_s"),
+      "speedup_precomputed": _ratio(sides.get("prefjax:dpo_precomputed"),
+                                    sides.get("trl:dpo_precomputed"), "real_tokens_per_s"),
+      "reward_speedup": _ratio(sides.get("prefjax:reward"), sides.get("trl:reward"),
+                               "real_tokens_per_s"),
+      "memory_ratio_equal_work": _ratio(pj_ref, trl_ref, "peak_rss_gib"),
+      "memory_ratio_reward": _ratio(sides.get("prefjax:reward"), sides.get("trl:reward"),
+                                    "peak_rss_gib"),
+      "first_loss_rel_diff": max(rel_diffs) if rel_diffs else None,
+      "first_loss": loss_pairs,
+      "peak_flops_f32": peak,
+      "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "workdir"},
+      "params_matmul": matmul_params(spec),
+      "real_tokens_per_step": [c["real_tokens"] for c in counts],
+      "sides": sides,
+      "wall_s": time.time() - t_start,
+      "note": "A/B interleaved in one invocation on a shared machine: compare ratios, not "
+              "absolute times.",
+  }
+  if own_tmp is not None:
+    own_tmp.cleanup()
+  return result
+
+
+def _print_table(result: dict[str, Any]) -> None:
+  rows = [("side:config", "median s", "tok/s", "MFU", "RSS GiB", "first loss")]
+  for name, s in result["sides"].items():
+    if "error" in s and "median_step_s" not in s:
+      rows.append((name, "error", "", "", "", ""))
+      continue
+    rows.append((name, f"{s['median_step_s']:.2f}", f"{s['real_tokens_per_s']:.0f}",
+                 f"{s['mfu_vs_peak_f32']:.1%}", f"{s['peak_rss_gib']:.2f}",
+                 f"{s['first_loss']:.6g}" if s.get("first_loss") is not None else ""))
+  for r in rows:
+    print("  ".join(f"{c:>22}" if i == 0 else f"{c:>11}" for i, c in enumerate(r)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point (orchestrator, or a worker with the private --_worker flag)."""
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--steps", type=int, default=None, help="measured steps per side (default 3)")
+  p.add_argument("--warmup", type=int, default=1, help="warm-up steps per side, excluded")
+  p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+  p.add_argument("--sides", nargs="+", default=["trl", "prefjax"], choices=["trl", "prefjax"])
+  p.add_argument("--no-extras", action="store_true",
+                 help="skip prefjax's SimPO and packed configurations")
+  p.add_argument("--data", default="synthetic", choices=["synthetic", "hh"])
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--learning-rate", type=float, default=1e-6)
+  p.add_argument("--beta", type=float, default=0.1)
+  p.add_argument("--prefjax-step", default="auto", choices=["auto", "train", "local"],
+                 help="prefjax.train's step (train), the benchmark-local step (local), or "
+                      "train when available (auto)")
+  p.add_argument("--peak-flops", type=float, default=None,
+                 help="float32 peak FLOP/s; default: measured with benchmarks/peak.py")
+  p.add_argument("--step-timeout", type=float, default=1800.0, help="seconds per worker reply")
+  p.add_argument("--workdir", default=None, help="keep checkpoints / logs here (default: temp)")
+  p.add_argument("--tiny", action="store_true", help="tiny model, 2 steps per side (smoke test)")
+  p.add_argument("--verbose", action="store_true", help="worker output to this stderr")
+  p.add_argument("--out", default=None, help="also write the final JSON here")
+  p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--_workdir", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--_fd", type=int, default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  args.steps_set = args.steps is not None
+  if args.steps is None:
+    args.steps = 3
+
+  if args._worker:
+    side, config = args._worker.split(":")
+    with open(os.path.join(args._workdir, "spec.json")) as f:
+      spec = Spec(**json.load(f))
+    chan = _Channel(args._fd)
+    try:
+      if side == "trl":
+        _run_trl_worker(spec, config, chan)
+      else:
+        _run_prefjax_worker(spec, config, chan)
+    except SystemExit:
+      raise
+    except BaseException:
+      traceback.print_exc()
+      sys.stderr.flush()
+      return 1
+    return 0
+
+  result = orchestrate(args)
+  _print_table(result)
+  line = json.dumps(result, sort_keys=True, default=float)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
