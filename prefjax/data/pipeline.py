@@ -1,0 +1,254 @@
+"""`make_pipeline`: records -> validated index -> grain MapDataset (shard, shuffle, epochs)
+-> featurize (template, tokenize, truncate) -> layout (batch or pack+batch) -> workers.
+
+The returned `Pipeline` is a grain `DatasetIterator`: `next()` gives numpy dict batches of the
+LOCAL batch, `get_state()/set_state()` resume exactly, and it can be saved with
+`grain.checkpoint.CheckpointSave(pipeline)` / restored with `CheckpointRestore(pipeline)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from prefjax.data import config as config_lib
+from prefjax.data import formats, layouts, packing
+from prefjax.data.errors import DropStats
+from prefjax.data.index import Index, build_index
+from prefjax.data.templates import Template, get_template
+from prefjax.data.tokenize import Limits, encode, truncate
+from prefjax.data.tokenizer import Tokenizer, load_tokenizer
+
+KINDS = ("pairs", "unpaired", "sft", "rankings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The `data.*` keys as read once from the config."""
+  fmt: str
+  kind: str
+  layout: str
+  limits: Limits
+  max_responses: int
+  max_pairs_per_row: int
+  packing_bins: int
+  policy: str
+  template: Template
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "Settings":
+    g = functools.partial(config_lib.get, cfg)
+    kind, layout = g("kind"), g("layout")
+    if kind not in KINDS:
+      raise ValueError(f"unknown data.kind {kind!r}; known: {', '.join(KINDS)}")
+    if layout != "padded" and kind != "pairs":
+      raise ValueError(f"data.layout={layout!r} needs data.kind='pairs', got {kind!r}")
+    limits = Limits(int(g("max_len")), int(g("max_prompt_len")), int(g("max_response_len")),
+                    layout)
+    limits.validate(2 if kind == "pairs" else 1)
+    return cls(g("format"), kind, layout, limits, int(g("max_responses")),
+               int(g("max_pairs_per_row")), int(g("packing_bins")), g("on_bad_record"),
+               get_template(g("chat_template")))
+
+
+class Featurizer:
+  """Map transform: item (record index, sub item) -> element dict, or None when dropped."""
+
+  def __init__(self, source: Any, settings: Settings, tokenizer: Tokenizer):
+    self.source, self.s, self.tok = source, settings, tokenizer
+    self.dropped = DropStats()
+
+  def example(self, item: Any) -> formats.Example:
+    ex = formats.parse(self.source[int(item[0])], self.s.fmt)
+    ex = formats.to_kind(ex, self.s.kind, int(item[1]))
+    if ex.kind == "rankings":
+      order = sorted(range(len(ex.responses)), key=lambda k: -ex.scores[k])[:self.s.max_responses]
+      ex = dataclasses.replace(ex, responses=tuple(ex.responses[k] for k in order),
+                               scores=tuple(ex.scores[k] for k in order))
+    return ex
+
+  def __call__(self, item: Any) -> dict | None:
+    if int(item[0]) < 0:  # eval padding
+      return None
+    ex = self.example(item)
+    t = truncate(encode(ex, self.tok, self.s.template), self.s.limits, keep_bos=self.tok.add_bos)
+    if ex.kind == "pairs" and t.responses[0] == t.responses[1]:
+      path, loc = self.source.where(int(item[0]))
+      self.dropped.add("identical_after_truncation", f"{path} {loc}")
+      return None
+    if self.s.layout == "packed":
+      return packing.packed_features(t.prompt, t.responses)
+    if self.s.layout == "prompt_shared":
+      return packing.prompt_shared_features(t.prompt, t.responses)
+    return {"prompt": np.asarray(t.prompt, np.int32),
+            "responses": [np.asarray(r, np.int32) for r in t.responses],
+            "label": ex.label, "scores": ex.scores, "margin": ex.margin,
+            "truncated": t.truncated}
+
+
+def _not_none(x: Any) -> bool:
+  return x is not None
+
+
+@dataclasses.dataclass
+class PipelineInfo:
+  split: str
+  paths: Any
+  num_records: int
+  num_items: int            # usable items in this split (all processes)
+  local_items: int          # items this process reads per epoch
+  local_batch_size: int
+  has_margin: bool
+  stats: DropStats          # validation-pass drops (all processes agree)
+
+
+class Pipeline(grain.DatasetIterator):
+  """Checkpointable iterator over local numpy batches (a grain `DatasetIterator`)."""
+
+  def __init__(self, parent: grain.DatasetIterator, info: PipelineInfo, featurizer: Featurizer):
+    super().__init__(parent)
+    self.info, self._featurizer = info, featurizer
+
+  def __next__(self) -> dict:
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+  def close(self) -> None:
+    if hasattr(self._parent, "close"):
+      self._parent.close()
+
+  @property
+  def dropped(self) -> DropStats:
+    """Validation drops plus drops after truncation seen in THIS process (0 workers)."""
+    out = DropStats()
+    out.merge(self.info.stats)
+    out.merge(self._featurizer.dropped)
+    return out
+
+
+def _shard(items: np.ndarray, process_index: int, process_count: int, pad: bool) -> np.ndarray:
+  """Strided per-process shard; equal length on every process (dropped or padded with -1)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  per = -(-len(items) // process_count) if pad else len(items) // process_count
+  if per == 0:
+    raise ValueError(f"{len(items)} usable items cannot be split over {process_count} processes")
+  shard = items[process_index::process_count][:per]
+  if len(shard) < per:
+    shard = np.concatenate([shard, np.full((per - len(shard), 2), -1, np.int64)])
+  return shard
+
+
+def _local_batch(global_batch: int, process_count: int) -> int:
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"data.batch_size={global_batch} must be a positive multiple of the "
+                     f"process count {process_count}")
+  return global_batch // process_count
+
+
+def _apply_layout(ds: grain.IterDataset, s: Settings, batch: int, has_margin: bool, pad_id: int,
+                  *, seed: int, train: bool) -> grain.IterDataset:
+  if s.layout in ("packed", "prompt_shared"):
+    ds = ds.filter(_not_none)
+    bins = s.packing_bins or 4 * batch
+    ds = packing.pack(ds, length=s.limits.max_len, num_bins=bins,
+                      max_pairs_per_row=s.max_pairs_per_row, seed=seed, shuffle_bins=train)
+    fn = functools.partial(packing.collate_rows, num_rows=batch,
+                           max_pairs_per_row=s.max_pairs_per_row,
+                           shared=s.layout == "prompt_shared")
+    return ds.batch(batch, drop_remainder=train, batch_fn=fn)
+  if train:
+    ds = ds.filter(_not_none)
+  common = dict(batch=batch, length=s.limits.max_len, pad_id=pad_id, eval_mask=not train)
+  fn = {
+      "pairs": functools.partial(layouts.collate_pairs, has_margin=has_margin, **common),
+      "sft": functools.partial(layouts.collate_sft, **common),
+      "unpaired": functools.partial(layouts.collate_unpaired, **common),
+      "rankings": functools.partial(layouts.collate_rankings, num_responses=s.max_responses,
+                                    **common),
+  }[s.kind]
+  return ds.batch(batch, drop_remainder=train, batch_fn=fn)
+
+
+def _as_tokenizer(tokenizer: Tokenizer | str | None, cfg: Any) -> Tokenizer:
+  if isinstance(tokenizer, Tokenizer):
+    return tokenizer
+  return load_tokenizer(tokenizer or config_lib.get(cfg, "tokenizer"))
+
+
+def _index_for(cfg: Any, s: Settings, split: str) -> tuple[Index, Any]:
+  fraction = config_lib.get(cfg, "split_fraction")
+  if split == "train":
+    spec = config_lib.get(cfg, "train")
+    return build_index(spec, fmt=s.fmt, kind=s.kind, policy=s.policy, part="train",
+                       fraction=fraction), spec
+  evals = config_lib.get(cfg, "eval")
+  if evals is None:
+    if fraction is None or fraction >= 1.0:
+      raise ValueError("no data.eval given and no data.split_fraction < 1 to hold out from train")
+    spec = config_lib.get(cfg, "train")
+    return build_index(spec, fmt=s.fmt, kind=s.kind, policy=s.policy, part="eval",
+                       fraction=fraction), spec
+  if isinstance(evals, Mapping) or hasattr(evals, "items"):
+    evals = dict(evals)
+    if split not in evals:
+      if split != "eval" or len(evals) != 1:
+        raise ValueError(f"unknown eval split {split!r}; data.eval has {sorted(evals)}")
+      split = next(iter(evals))
+    spec = evals[split]
+  else:
+    spec = evals
+  return build_index(spec, fmt=s.fmt, kind=s.kind, policy=s.policy), spec
+
+
+def eval_names(data_config: Any) -> list[str]:
+  """Names accepted by `make_pipeline(split=...)` for evaluation."""
+  evals = config_lib.get(data_config, "eval")
+  if isinstance(evals, Mapping) or hasattr(evals, "items"):
+    return list(dict(evals))
+  return ["eval"]
+
+
+def make_pipeline(data_config: Any, tokenizer: Tokenizer | str | None = None, *,
+                  split: str = "train", process_index: int = 0, process_count: int = 1,
+                  seed: int = 0) -> Pipeline:
+  """Builds the input pipeline for `split` ("train", or an eval name: see `eval_names`).
+
+  train: seeded shuffle (a new order per epoch), `num_epochs` (None = forever), drops the
+    last partial batch. eval: one pass in order, the last batch padded, with `example_mask`
+    [B] (padded layouts) or `pair_mask` (packed layouts) marking real examples.
+  Each process reads only its strided shard of the usable items; batches are LOCAL
+  (`batch_size // process_count`).
+  """
+  s = Settings.from_config(data_config)
+  tok = _as_tokenizer(tokenizer, data_config)
+  train = split == "train"
+  index, spec = _index_for(data_config, s, split)
+  index.stats.log(split)
+  g = functools.partial(config_lib.get, data_config)
+  global_batch = int(g("batch_size") if train else (g("eval_batch_size") or g("batch_size")))
+  batch = _local_batch(global_batch, process_count)
+  items = _shard(index.items, process_index, process_count, pad=not train)
+  featurizer = Featurizer(index.source, s, tok)
+  ds = grain.MapDataset.source(items)
+  if train:
+    if g("shuffle"):
+      ds = ds.shuffle(seed=seed)
+    epochs = g("num_epochs")
+    ds = ds.repeat(None if epochs is None else int(epochs))
+  ds = ds.map(featurizer).to_iter_dataset()
+  ds = _apply_layout(ds, s, batch, index.has_margin, tok.pad_id, seed=seed, train=train)
+  workers = int(g("worker_count") or 0) if train else 0
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  info = PipelineInfo(split, spec, index.num_records, len(index.items), len(items), batch,
+                      index.has_margin, index.stats)
+  return Pipeline(iter(ds), info, featurizer)
