@@ -72,8 +72,10 @@ def cpo_reward(logps: Array, *, beta: float) -> jnp.ndarray:
 def orpo_log_odds(logps: Array, lengths: Array) -> jnp.ndarray:
   """log odds_θ(y|x) = log P − log(1 − P), P = exp(log π_θ(y|x) / |y|) (Hong et al. 2024).
 
-  Computed stably as a − log(−expm1(a)) with a = mean token log-prob (< 0); a = 0
-  (probability one) gives +inf.
+  Computed stably as a − log(−expm1(a)) with a = mean token log-prob, clamped at
+  −1e-6 (probability one has infinite odds), as in `prefjax.losses.orpo`. Note that
+  `prefjax.losses.orpo` *logs* TRL's rewards λ·a instead; both are increasing in a,
+  so the pairwise accuracy is the same, only the scale differs.
 
   Args:
     logps: [B] summed policy log-probs; lengths: [B] response token counts (> 0).
@@ -81,7 +83,7 @@ def orpo_log_odds(logps: Array, lengths: Array) -> jnp.ndarray:
   Returns:
     [B] float32; the ORPO log odds ratio of a pair is the chosen minus the rejected value.
   """
-  avg = jnp.minimum(_f32(logps) / jnp.maximum(_f32(lengths), 1.0), 0.0)
+  avg = jnp.minimum(_f32(logps) / jnp.maximum(_f32(lengths), 1.0), -1e-6)
   return avg - jnp.log(-jnp.expm1(avg))
 
 
@@ -91,11 +93,15 @@ def rrhf_reward(logps: Array, lengths: Array) -> jnp.ndarray:
 
 
 # Which per-response definition each method uses: "ref" (β·log-ratio), "simpo",
-# "cpo", "orpo", "rrhf". Names follow `prefjax.losses.names()` where they exist.
+# "cpo", "orpo" (log odds), "rrhf". Keys are `prefjax.losses.names()` (TRL loss_types),
+# plus the unpaired "kto"/"bco"/"apo_zero_unpaired" and token-level "tdpo*"/"ld_dpo",
+# whose reward is also β·log-ratio.
 METHOD_KIND = {
-    "dpo": "ref", "ipo": "ref", "cdpo": "ref", "robust_dpo": "ref", "rdpo": "ref",
-    "bco": "ref", "kto": "ref", "sppo": "ref", "nca": "ref", "exo": "ref", "aot": "ref",
-    "apo_zero": "ref", "apo_down": "ref", "hinge": "ref", "tdpo": "ref", "dpop": "ref",
+    **{name: "ref" for name in (
+        "dpo", "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
+        "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+        "rdpo", "dpop", "kto", "bco", "apo_zero_unpaired", "tdpo", "tdpo1", "tdpo2",
+        "ld_dpo")},
     "simpo": "simpo", "cpo": "cpo", "slic": "cpo", "orpo": "orpo", "rrhf": "rrhf",
 }
 

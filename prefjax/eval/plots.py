@@ -26,7 +26,7 @@ _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#1
 
 
 def _new_figure(width: float, height: float) -> Figure:
-  fig = Figure(figsize=(width, height), dpi=110)
+  fig = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(fig)
   return fig
 
@@ -69,8 +69,9 @@ def plot_score_histograms(scores: Mapping[str, tuple[Any, Any]], path: PathLike,
     both = np.concatenate([c, r])
     if both.size:
       edges = np.histogram_bin_edges(both, bins=bins)
-      ax.hist(c, bins=edges, alpha=0.55, color=_COLORS[0], label=f"chosen (μ={c.mean():.2f})")
-      ax.hist(r, bins=edges, alpha=0.55, color=_COLORS[1], label=f"rejected (μ={r.mean():.2f})")
+      for vals, side, color in ((c, "chosen", _COLORS[0]), (r, "rejected", _COLORS[1])):
+        ax.hist(vals, bins=edges, histtype="stepfilled", alpha=0.5, color=color,
+                label=f"{side} (μ={vals.mean():.2f})")
       acc = float(np.mean(np.where(c > r, 1.0, np.where(c < r, 0.0, 0.5))))
       ax.set_title(f"{name}  (acc {acc:.3f}, n={c.size})", fontsize=9)
       ax.legend(fontsize=7)
@@ -120,7 +121,7 @@ def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path
     if ci and k in ci:
       lo_hi = [ci[k].get(s) for s in sets] + [None] * (len(labels) - len(sets))
       v = values[k]
-      yerr = np.array([[v[i] - b[0], b[1] - v[i]] if b else [0.0, 0.0]
+      yerr = np.array([[v[i] - b[0], b[1] - v[i]] if b else [np.nan, np.nan]
                        for i, b in enumerate(lo_hi)]).T
     ax.bar(x + (j - (len(kinds) - 1) / 2) * width, values[k], width, label=k,
            color=_COLORS[j % len(_COLORS)], yerr=yerr, capsize=2)
@@ -154,15 +155,22 @@ def plot_length_buckets(length_bias: Mapping[str, Mapping[str, Any]], path: Path
             ("by_total_length", "len(chosen) + len(rejected) [tokens]"))
   for p, (key, xlabel) in enumerate(panels):
     ax = fig.add_subplot(1, 2, p + 1)
+    label_sets = {tuple(b["label"] for b in lb[key]) for lb in length_bias.values()}
     for j, (label, lb) in enumerate(length_bias.items()):
-      buckets = lb[key]
-      acc = [b["accuracy"] if b["accuracy"] is not None else np.nan for b in buckets]
-      ax.plot(range(len(buckets)), acc, marker="o", label=label,
-              color=_COLORS[j % len(_COLORS)])
-      if p == 0 or len(length_bias) == 1:
-        ax.set_xticks(range(len(buckets)))
-        ax.set_xticklabels([f"{b['label']}\n(n={b['n']})" if len(length_bias) == 1
-                            else b["label"] for b in buckets], fontsize=7)
+      acc = [b["accuracy"] if b["accuracy"] is not None else np.nan for b in lb[key]]
+      ax.plot(range(len(acc)), acc, marker="o", label=label, color=_COLORS[j % len(_COLORS)])
+    if len(label_sets) == 1:  # same buckets for every series: name them
+      (labels,) = label_sets
+      if len(length_bias) == 1:
+        (lb,) = length_bias.values()
+        labels = tuple(f"{b['label']}\n(n={b['n']})" for b in lb[key])
+      ax.set_xticks(range(len(labels)))
+      ax.set_xticklabels(labels, fontsize=7)
+    else:  # per-set quantile buckets: shortest ... longest
+      width = max(len(t) for t in label_sets)
+      ax.set_xticks(range(width))
+      ax.set_xticklabels([f"Q{i + 1}" for i in range(width)], fontsize=7)
+      xlabel += ", per-set quantile bucket"
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -191,7 +199,7 @@ def plot_generation_scores(scores: Mapping[str, Any], path: PathLike, *, bins: i
   ax = fig.add_subplot(1, 1, 1)
   for j, (name, a) in enumerate(arrays.items()):
     color = _COLORS[j % len(_COLORS)]
-    ax.hist(a, bins=edges, alpha=0.45, color=color,
+    ax.hist(a, bins=edges, histtype="stepfilled", alpha=0.45, color=color,
             label=f"{name} (μ={a.mean():.2f}, σ={a.std():.2f}, n={a.size})")
     ax.axvline(a.mean(), color=color, linestyle="--", linewidth=1)
   ax.set_xlabel("reward score")
