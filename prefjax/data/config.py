@@ -15,8 +15,9 @@ def shipped_hh_path() -> str:
 
 def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.train = shipped_hh_path()  # path, glob (local or gs://), list of them, or "tfds:name:split"
-  c.eval = None                # path / glob / list, or dict name -> path; None: held-out split
+  any_type = lambda v: ml_collections.FieldReference(v, field_type=object)  # noqa: E731
+  c.train = any_type(shipped_hh_path())  # path, glob (local or gs://), list of them, or "tfds:name:split"
+  c.eval = any_type(None)      # path / glob / list, or dict name -> path; None: held-out split
   c.format = "auto"            # auto | explicit | conversational | hh | unpaired | rankings | sft
                                # | pandalm | llmbar | hhh
   c.kind = "pairs"             # pairs | unpaired | sft | rankings (pairs convert to the others)

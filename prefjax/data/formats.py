@@ -207,6 +207,9 @@ def pandalm(rec: dict) -> Example:
   winner = next((c for c in (1, 2) if votes.count(c) >= 2), 0)
   if winner == 0:
     raise BadRecord("tie", "annotators tie (no majority for 1 or 2)", "annotator1")
+  # Upstream quirk: six answers "True" were stored as JSON booleans; read them as text.
+  rec = {**rec, **{k: str(rec[k]) for k in ("response1", "response2")
+                   if isinstance(rec.get(k), bool)}}
   r1, r2 = _response(rec, "response1"), _response(rec, "response2")
   responses = (r1, r2) if winner == 1 else (r2, r1)
   return Example("pairs", (("user", prompt),), responses)
