@@ -1,0 +1,243 @@
+"""Transformer building blocks in Gemma-v1 style: small Linen modules, einsum strings as shape docs.
+
+Parameter names and shapes follow the official Flax Gemma checkpoints
+(google-deepmind/gemma `modules.py` / `layers.py`):
+
+  attn/q_einsum/w          [N, D, H]      (GQA / MQA)
+  attn/kv_einsum/w         [2, K, D, H]
+  attn/qkv_einsum/w        [3, N, D, H]   (MHA, N == K)
+  attn/attn_vec_einsum/w   [N, H, D]
+  attn/_query_norm/scale   [H]            (Gemma 3 QK-norm)
+  mlp/gating_einsum        [2, D, F]  or [2, F, D] when `transpose_gating_einsum`
+  mlp/linear               [F, D]
+  {pre_attention,post_attention,pre_ffw,post_ffw}_norm/scale  [D]
+
+Shape letters: B batch, T query length, S key length, D model, N query heads, K kv heads,
+G = N / K query heads per kv head, H head dim, F MLP width.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prefjax.models.config import GLOBAL, LOCAL, ModelConfig, rope_inv_freq
+
+# Large negative logit for masked keys (Gemma's K_MASK); finite so fully-masked rows stay finite.
+K_MASK = -2.3819763e38
+
+LayerCache = dict[str, jax.Array]  # {"k": [B,S,K,H], "v": [B,S,K,H]}
+
+
+def normal_init(stddev: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=stddev)
+
+
+def lp(init: Any, axes: tuple[str | None, ...]) -> Any:
+  """Shorthand for `nn.with_logical_partitioning` (names from prefjax/sharding.py)."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm (Zhang & Sennrich 2019) in float32; output * (1 + scale) (Gemma) or * scale (Llama)."""
+
+  plus_one: bool = True
+  eps: float = 1e-6
+  axis_name: str | None = "embed"
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+    scale = self.param("scale", lp(init, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    s = scale.astype(jnp.float32)
+    return (normed * (1.0 + s if self.plus_one else s)).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """A weight `w` of `shape` with logical `axes`, applied as `jnp.einsum(eqn, x, w)`."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  stddev: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    w = self.param("w", lp(normal_init(self.stddev), self.axes), self.shape, self.param_dtype)
+    return jnp.einsum(eqn, x, jnp.asarray(w, self.dtype))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+  """Rotary embedding (Su et al. 2021), half-split layout of Gemma / HF `rotate_half`.
+
+  Args:
+    x: [B, T, N, H].
+    positions: [B, T] int.
+    inv_freq: H/2 inverse frequencies (already scaled for linear / llama3 RoPE scaling).
+  Returns:
+    [B, T, N, H] in x.dtype.
+  """
+  freq = jnp.asarray(inv_freq, jnp.float32)
+  angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, H/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def update_cache(cache: LayerCache, k: jax.Array, v: jax.Array,
+                 index: jax.Array) -> LayerCache:
+  """Writes k, v [B, T, K, H] into the cache at slot `index` (scalar int)."""
+  start = (0, index, 0, 0)
+  return {
+      "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
+  }
+
+
+class Attention(nn.Module):
+  """Multi-head / multi-query / grouped-query attention with Gemma 2/3 options."""
+
+  cfg: ModelConfig
+  layer_type: str = GLOBAL
+
+  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]."""
+    c = self.cfg
+    d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    kw = dict(stddev=d ** -0.5, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
+    if c.use_qkv_einsum:
+      qkv = Einsum((3, n, d, h), ("qkv", "heads", "embed", "head_dim"), name="qkv_einsum", **kw)
+      q, key, val = qkv("BTD,SNDH->SBTNH", x)
+    else:
+      q = Einsum((n, d, h), ("heads", "embed", "head_dim"), name="q_einsum", **kw)(
+          "BTD,NDH->BTNH", x)
+      kv = Einsum((2, k, d, h), ("kv", "kv_heads", "embed", "head_dim"), name="kv_einsum", **kw)
+      key, val = kv("BSD,CKDH->CBSKH", x)
+    if c.use_qk_norm:
+      norm_kw = dict(plus_one=c.norm_scale_plus_one, eps=c.norm_eps, axis_name="head_dim",
+                     param_dtype=c.jnp_param_dtype)
+      q = RMSNorm(name="_query_norm", **norm_kw)(q)
+      key = RMSNorm(name="_key_norm", **norm_kw)(key)
+    return q, key, val
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: LayerCache | None = None, cache_index: jax.Array | None = None,
+               ) -> tuple[jax.Array, LayerCache | None]:
+    """Attention over x [B,T,D] (or over the cache's S slots when `cache` is given).
+
+    Args:
+      x: [B, T, D] normalised inputs.
+      positions: [B, T] RoPE positions.
+      mask: [B, T, S] bool, True = attend (built by `transformer.attention_mask`).
+      cache: optional {"k","v": [B, S, K, H]}; the new keys/values are written at `cache_index`.
+    Returns:
+      ([B, T, D], updated cache or None).
+    """
+    c = self.cfg
+    q, key, val = self._project(x)
+    inv_freq = rope_inv_freq(c, self.layer_type)
+    q = apply_rope(q, positions, inv_freq) * jnp.asarray(c.query_scale, q.dtype)
+    key = apply_rope(key, positions, inv_freq)
+    q = constrain(q, ("batch", "length", "activation_heads", None))
+    key = constrain(key, ("batch", "length", "activation_kv_heads", None))
+    new_cache = None
+    if cache is not None:
+      new_cache = update_cache(cache, key, val, cache_index)
+      key, val = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
+    b, t, n, h = q.shape
+    g = n // c.num_kv_heads
+    qg = q.reshape(b, t, c.num_kv_heads, g, h)
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, key, preferred_element_type=jnp.float32)
+    if c.attn_logit_softcap is not None:
+      logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+    logits = jnp.where(mask[:, :, None, None, :], logits, K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).astype(val.dtype)
+    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+    out = Einsum((n, h, c.embed_dim), ("heads", "head_dim", "embed"), stddev=(n * h) ** -0.5,
+                 dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, name="attn_vec_einsum")(
+                     "BTNH,NHD->BTD", encoded)
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  """Gated MLP: GeGLU (Gemma; Shazeer 2020) or SwiGLU (Llama), params `gating_einsum`, `linear`."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, T, D] -> [B, T, D]."""
+    c = self.cfg
+    d, f = c.embed_dim, c.hidden_dim
+    pd = c.jnp_param_dtype
+    if c.transpose_gating_einsum:
+      w = self.param("gating_einsum", lp(normal_init(d ** -0.5), (None, "mlp", "embed")),
+                     (2, f, d), pd)
+      gate = jnp.einsum("BTD,CFD->CBTF", x, jnp.asarray(w, c.jnp_dtype))
+    else:
+      w = self.param("gating_einsum", lp(normal_init(d ** -0.5), (None, "embed", "mlp")),
+                     (2, d, f), pd)
+      gate = jnp.einsum("BTD,CDF->CBTF", x, jnp.asarray(w, c.jnp_dtype))
+    act = nn.gelu(gate[0], approximate=True) if c.activation == "gelu" else nn.silu(gate[0])
+    hidden = constrain(act * gate[1], ("batch", "length", "activation_mlp"))
+    w_out = self.param("linear", lp(normal_init(f ** -0.5), ("mlp", "embed")), (f, d), pd)
+    return jnp.einsum("BTF,FD->BTD", hidden, jnp.asarray(w_out, c.jnp_dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; Gemma 2/3 add post-attention and post-FFW norms."""
+
+  cfg: ModelConfig
+  layer_type: str = GLOBAL
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: dict[str, jax.Array],
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+    """x [B,T,D]; ctx holds `positions` [B,T], `mask_global`/`mask_local` [B,T,S], `cache_index`."""
+    c = self.cfg
+    norm = lambda name: RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps,  # noqa: E731
+                                param_dtype=c.jnp_param_dtype, name=name)
+    mask = ctx["mask_local"] if self.layer_type == LOCAL else ctx["mask_global"]
+    h, cache = Attention(c, self.layer_type, name="attn")(
+        norm("pre_attention_norm")(x), ctx["positions"], mask, cache, ctx.get("cache_index"))
+    if c.use_post_attn_norm:
+      h = norm("post_attention_norm")(h)
+    x = constrain(x + h, ("batch", "length", "activation_embed"))
+    h = FeedForward(c, name="mlp")(norm("pre_ffw_norm")(x))
+    if c.use_post_ffw_norm:
+      h = norm("post_ffw_norm")(h)
+    return constrain(x + h, ("batch", "length", "activation_embed")), cache
+
+
+class BlockGroup(nn.Module):
+  """One repeat of `cfg.attention_pattern` (the unit scanned when `scan_layers`).
+
+  Used for patterns longer than one layer: params under `layers/layer_{j}/` (a one-layer
+  pattern scans `Block` itself, params directly under `layers/`).
+  """
+
+  cfg: ModelConfig
+  block_cls: Any = Block
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: dict[str, jax.Array],
+               cache: Any = None) -> tuple[jax.Array, Any]:
+    pattern = self.cfg.attention_pattern
+    new = {}
+    for j, t in enumerate(pattern):
+      sub = None if cache is None else cache[f"layer_{j}"]
+      x, new[f"layer_{j}"] = self.block_cls(self.cfg, t, name=f"layer_{j}")(x, ctx, sub)
+    return x, (None if cache is None else new)
