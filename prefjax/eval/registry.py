@@ -2,17 +2,21 @@
 
 Paths are relative to a `shared_data_dir` (no machine paths are hard-coded); by default
 it is `$PREFJAX_SHARED_DATA`, else `../shared/data` next to the repository checkout.
-Each set names the *format* that `prefjax.data`'s eval-set adapters parse it with.
+Each set names the `prefjax.data.FORMATS` entry that parses it ("hh", "hhh", "pandalm",
+"llmbar", "explicit").
 
 Tags follow Lin et al. 2024: models are trained on HH-RLHF-style data, so the four
 HH-RLHF test splits are in-distribution ("id"); everything else is out-of-distribution
 ("ood"): hand-written (HHH), instruction following (PandaLM, LLMBar), chat-model answers
 with human labels (FairEval, LLMEval², MT-Bench human) and AI labels (UltraFeedback).
 
-`num_records` is the number of records in the file; `num_pairs` the number of pairs
-that carry a preference (PandaLM: majority of 3 annotators not a tie; UltraFeedback:
-score_chosen > score_rejected; HH-RLHF: chosen text != rejected text), counted on the
-files in shared/data (see its README.md).
+Counts, checked by tests/eval against the files in shared/data (see its README.md):
+  `num_records`  records in the file;
+  `num_pairs`    pairs that carry a preference (PandaLM: majority of 3 annotators, not a
+                 tie; UltraFeedback: score_chosen > score_rejected; HH: chosen != rejected);
+  `num_loadable` pairs `prefjax.data` yields from them with `on_bad_record="skip"`: it
+                 also drops records with an empty response (PandaLM: 52; HH: 3–5 per
+                 file) and identical responses.
 """
 from __future__ import annotations
 
@@ -31,11 +35,14 @@ class EvalSetSpec:
   Attributes:
     name: registry key, e.g. "pandalm".
     path: file path relative to the shared data dir.
-    format: format name understood by prefjax.data's eval-set adapters.
+    format: `prefjax.data.FORMATS` key that parses it.
     tag: "id" or "ood".
     num_records: records in the file.
-    num_pairs: pairs with a preference label (ties / identical responses excluded).
+    num_pairs: pairs with a preference label (label ties excluded; HH: chosen != rejected).
+    num_loadable: pairs prefjax.data yields (module docstring).
     note: one line for tables.
+    drop_score_ties: records carry `metadata.score_chosen/score_rejected` (UltraFeedback)
+      and equal scores are ties, to be removed before loading (`runner.pipeline_batches`).
   """
   name: str
   path: str
@@ -43,26 +50,30 @@ class EvalSetSpec:
   tag: str
   num_records: int
   num_pairs: int
+  num_loadable: int
   note: str = ""
+  drop_score_ties: bool = False
 
 
-def _hh(name: str, sub: str, n: int, pairs: int, note: str) -> EvalSetSpec:
-  return EvalSetSpec(name, f"hh-rlhf/{sub}/test.jsonl.gz", "hh_rlhf", "id", n, pairs, note)
+def _hh(name: str, sub: str, n: int, pairs: int, loadable: int, note: str) -> EvalSetSpec:
+  return EvalSetSpec(name, f"hh-rlhf/{sub}/test.jsonl.gz", "hh", "id", n, pairs, loadable, note)
 
 
-def _llmbar(name: str, sub: str, n: int, note: str) -> EvalSetSpec:
-  return EvalSetSpec(name, f"llmbar/{sub}/dataset.json", "llmbar", "ood", n, n, note)
+def _llmbar(name: str, sub: str, n: int, note: str, loadable: Optional[int] = None
+            ) -> EvalSetSpec:
+  return EvalSetSpec(name, f"llmbar/{sub}/dataset.json", "llmbar", "ood", n, n,
+                     n if loadable is None else loadable, note)
 
 
 EVAL_SETS: dict[str, EvalSetSpec] = {s.name: s for s in (
-    _hh("hh_harmless_base", "harmless-base", 2312, 2312, "HH-RLHF harmless-base test"),
-    _hh("hh_helpful_base", "helpful-base", 2354, 2352, "HH-RLHF helpful-base test"),
-    _hh("hh_helpful_online", "helpful-online", 1137, 1135, "HH-RLHF helpful-online test"),
-    _hh("hh_helpful_rejection_sampled", "helpful-rejection-sampled", 2749, 2717,
+    _hh("hh_harmless_base", "harmless-base", 2312, 2312, 2308, "HH-RLHF harmless-base test"),
+    _hh("hh_helpful_base", "helpful-base", 2354, 2352, 2348, "HH-RLHF helpful-base test"),
+    _hh("hh_helpful_online", "helpful-online", 1137, 1135, 1132, "HH-RLHF helpful-online test"),
+    _hh("hh_helpful_rejection_sampled", "helpful-rejection-sampled", 2749, 2717, 2717,
         "HH-RLHF helpful-rejection-sampled test"),
-    EvalSetSpec("hhh_alignment", "hhh-alignment/hhh_alignment.jsonl", "hhh_alignment", "ood",
-                221, 221, "BIG-bench HHH alignment (hand-written)"),
-    EvalSetSpec("pandalm", "pandalm-testset/testset-v1.json", "pandalm", "ood", 999, 894,
+    EvalSetSpec("hhh_alignment", "hhh-alignment/hhh_alignment.jsonl", "hhh", "ood",
+                221, 221, 221, "BIG-bench HHH alignment (hand-written)"),
+    EvalSetSpec("pandalm", "pandalm-testset/testset-v1.json", "pandalm", "ood", 999, 894, 842,
                 "PandaLM test, majority label, ties excluded"),
     _llmbar("llmbar_natural", "LLMBar/Natural", 100, "LLMBar Natural"),
     _llmbar("llmbar_adversarial_neighbor", "LLMBar/Adversarial/Neighbor", 134,
@@ -74,10 +85,11 @@ EVAL_SETS: dict[str, EvalSetSpec] = {s.name: s for s in (
     _llmbar("llmbar_adversarial_manual", "LLMBar/Adversarial/Manual", 46,
             "LLMBar Adversarial Manual"),
     _llmbar("llmbar_faireval", "Processed/FairEval", 66, "FairEval (human, via LLMBar)"),
-    _llmbar("llmbar_llmeval2", "Processed/LLMEval2", 200, "LLMEval² (human, via LLMBar)"),
+    _llmbar("llmbar_llmeval2", "Processed/LLMEval2", 200, "LLMEval² (human, via LLMBar)", 198),
     _llmbar("mtbench_human", "Processed/MT-Bench", 200, "MT-Bench human judgments (via LLMBar)"),
     EvalSetSpec("ultrafeedback_sample", "ultrafeedback-binarized-sample/eval_clean.jsonl",
-                "ultrafeedback", "ood", 200, 175, "UltraFeedback eval sample (GPT-4 labels)"),
+                "explicit", "ood", 200, 175, 175, "UltraFeedback eval sample (GPT-4 labels)",
+                drop_score_ties=True),
 )}
 
 ID_SETS = tuple(n for n, s in EVAL_SETS.items() if s.tag == "id")

@@ -18,8 +18,11 @@ validity key counts every pair.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import pathlib
+import tempfile
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
@@ -195,9 +198,10 @@ def evaluate_sets(score_pairs_fn: ScorePairsFn, eval_sets: Mapping[str, BatchSou
   for name, source in eval_sets.items():
     batches = source(batch_size) if callable(source) else source
     scores = score_batches(score_pairs_fn, batches, desc=f"eval {name}", progress=progress)
-    out[name] = SetResult(name, tags.get(name),
-                          scored_metrics(scores, ties=ties, bootstrap=bootstrap, seed=seed),
-                          scores)
+    m = scored_metrics(scores, ties=ties, bootstrap=bootstrap, seed=seed)
+    if hasattr(batches, "dropped"):  # prefjax.data pipelines count what they skipped
+      m["data_dropped"] = dict(batches.dropped)
+    out[name] = SetResult(name, tags.get(name), m, scores)
   return out
 
 
@@ -224,6 +228,91 @@ def registry_sources(names: Iterable[str],
     path = registry.resolve_path(name, shared_data_dir)
     out[name] = (lambda bs, spec=spec, path=path: make_batches(spec, path, bs))
   return out
+
+
+class _PipelineBatches:
+  """In-order passes over a `prefjax.data` eval pipeline; `len` = batches (padded layout);
+  `dropped` = the last pipeline's drop counts (empty responses, ties, identical pairs, ...)."""
+
+  def __init__(self, make: Callable[[], Any], padded: bool):
+    self._make = make
+    self._pipe = make()  # validates the file now; reused by the first pass
+    self._fresh = True
+    info = self._pipe.info
+    self._len = math.ceil(info.local_items / max(1, info.local_batch_size)) if padded else None
+
+  def __iter__(self):
+    if not self._fresh:
+      self._pipe = self._make()
+    self._fresh = False
+    return iter(self._pipe)
+
+  def __len__(self) -> int:
+    if self._len is None:
+      raise TypeError("number of batches unknown for packed layouts")
+    return self._len
+
+  @property
+  def dropped(self) -> dict[str, int]:
+    return dict(self._pipe.dropped.counts)
+
+
+def drop_score_ties(path: pathlib.Path, cache_dir: Optional[Union[str, os.PathLike]] = None
+                    ) -> pathlib.Path:
+  """A JSONL copy of `path` without records whose `metadata.score_chosen == score_rejected`
+  (UltraFeedback binarisation ties; README of shared/data), in `cache_dir` (default: a new
+  temporary directory). Records without scores are kept."""
+  out_dir = pathlib.Path(cache_dir) if cache_dir is not None else pathlib.Path(tempfile.mkdtemp())
+  out_dir.mkdir(parents=True, exist_ok=True)
+  out = out_dir / f"{path.stem}.no_score_ties.jsonl"
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      meta = json.loads(line).get("metadata") or {}
+      if "score_chosen" in meta and meta["score_chosen"] == meta.get("score_rejected"):
+        continue
+      kept.append(line if line.endswith("\n") else line + "\n")
+  out.write_text("".join(kept), encoding="utf-8")
+  return out
+
+
+def pipeline_batches(data_config: Any, tokenizer: Any = None, *, process_index: int = 0,
+                     process_count: int = 1, cache_dir: Optional[Union[str, os.PathLike]] = None
+                     ) -> Callable[[registry.EvalSetSpec, pathlib.Path, int], Iterable[dict]]:
+  """`make_batches` for `registry_sources`, backed by `prefjax.data.make_pipeline`.
+
+  Each set is read with the trainer's data settings (chat template, tokenizer, lengths,
+  layout) and overrides: `eval={spec.name: path}`, `format=spec.format`, `kind="pairs"`,
+  `eval_batch_size=batch_size`, `on_bad_record="skip"` (label ties, empty and identical
+  responses are dropped and counted, reported as `data_dropped` in the metrics). The
+  eval iterator is one in-order pass with the last batch padded and masked. Response
+  lengths in the length buckets are after `max_response_len` truncation.
+
+  Args:
+    data_config: the run's `config.data` (ConfigDict or mapping).
+    tokenizer: a `prefjax.data.Tokenizer`, a tokenizer name/path, or None (`data.tokenizer`).
+    process_index, process_count: this host's shard (multi-host eval).
+    cache_dir: where tie-filtered copies (`drop_score_ties`) are written.
+  """
+  from prefjax import data as data_lib  # pylint: disable=import-outside-toplevel
+  base = {k: data_config[k] for k in data_config.keys()}
+  if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+    tokenizer = data_lib.load_tokenizer(str(tokenizer or base.get("tokenizer") or "mistral_v1"))
+
+  def make_batches(spec: registry.EvalSetSpec, path: pathlib.Path, batch_size: int):
+    if spec.drop_score_ties:
+      path = drop_score_ties(path, cache_dir)
+    cfg = dict(base, eval={spec.name: str(path)}, format=spec.format, kind="pairs",
+               eval_batch_size=int(batch_size), batch_size=int(batch_size),
+               on_bad_record="skip", shuffle=False)
+    make = lambda: data_lib.make_pipeline(cfg, tokenizer, split=spec.name,  # noqa: E731
+                                          process_index=process_index,
+                                          process_count=process_count)
+    layout = cfg.get("layout") or cfg.get("task_layout") or "padded"
+    return _PipelineBatches(make, padded=layout == "padded")
+  return make_batches
 
 
 def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
