@@ -33,6 +33,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.shuffle = True             # seeded shuffle, a new order every epoch
   c.num_epochs = None          # None: repeat forever; N: stop after N epochs
   c.worker_count = 0           # grain worker processes (0: threads in this process)
+  c.read_threads = 2           # grain reader threads per process (record -> tokens)
+  c.prefetch_buffer_size = 64  # featurized elements buffered per process
   c.on_bad_record = "error"    # error: stop at the first malformed record; skip: count and go on
   c.chat_template = "hh"       # hh | gemma | llama3 | none
   c.tokenizer = "mistral_v1"   # tokenizer path or name (mistral_v1 ships with the package)

@@ -11,7 +11,16 @@ import numpy as np
 
 from prefjax.data.tokenize import sequence
 
+BLANK = {"blank": True}  # a masked slot (eval padding / dropped item)
 SEQ_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def is_blank(e: dict | None) -> bool:
+  return e is None or "blank" in e
+
+
+def _real(elements: Sequence[dict | None]) -> list[dict | None]:
+  return [None if is_blank(e) else e for e in elements]
 
 
 def _empty(shape: tuple[int, ...]) -> dict:
@@ -35,6 +44,7 @@ def _example_mask(elements: Sequence[dict | None], batch: int) -> np.ndarray:
 def collate_pairs(elements: Sequence[dict | None], *, batch: int, length: int, has_margin: bool,
                   pad_id: int = 0, eval_mask: bool = False) -> dict:
   """Padded pairs: [B, 2, L] (0 chosen, 1 rejected), optional `margin` [B]."""
+  elements = _real(elements)
   out = _empty((batch, 2, length))
   margin = np.zeros(batch, np.float32)
   for b, e in enumerate(elements):
@@ -53,6 +63,7 @@ def collate_pairs(elements: Sequence[dict | None], *, batch: int, length: int, h
 def collate_sft(elements: Sequence[dict | None], *, batch: int, length: int, pad_id: int = 0,
                 eval_mask: bool = False) -> dict:
   """SFT: [B, L] five keys."""
+  elements = _real(elements)
   out = _empty((batch, length))
   for b, e in enumerate(elements):
     if e is not None:
@@ -65,6 +76,7 @@ def collate_sft(elements: Sequence[dict | None], *, batch: int, length: int, pad
 def collate_unpaired(elements: Sequence[dict | None], *, batch: int, length: int,
                      pad_id: int = 0, eval_mask: bool = False) -> dict:
   """KTO/BCO: [B, L] + `label` [B] + the mismatched KL batch: prompt i with completion i+1."""
+  elements = _real(elements)
   out = collate_sft(elements, batch=batch, length=length, pad_id=pad_id, eval_mask=eval_mask)
   out.update({"kl_" + k: v for k, v in _empty((batch, length)).items()})
   out["label"] = np.zeros(batch, np.float32)
@@ -81,6 +93,7 @@ def collate_unpaired(elements: Sequence[dict | None], *, batch: int, length: int
 def collate_rankings(elements: Sequence[dict | None], *, batch: int, length: int,
                      num_responses: int, pad_id: int = 0, eval_mask: bool = False) -> dict:
   """K-wise: [B, K, L] + `scores` [B, K] + `response_mask` [B, K]."""
+  elements = _real(elements)
   out = _empty((batch, num_responses, length))
   out["scores"] = np.zeros((batch, num_responses), np.float32)
   out["response_mask"] = np.zeros((batch, num_responses), np.float32)

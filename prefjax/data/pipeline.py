@@ -57,8 +57,11 @@ class Settings:
 class Featurizer:
   """Map transform: item (record index, sub item) -> element dict, or None when dropped."""
 
-  def __init__(self, source: Any, settings: Settings, tokenizer: Tokenizer):
+  def __init__(self, source: Any, settings: Settings, tokenizer: Tokenizer, *,
+               keep_blanks: bool = False):
     self.source, self.s, self.tok = source, settings, tokenizer
+    # Eval keeps a masked blank in place of a dropped item (grain skips None elements).
+    self.blank = layouts.BLANK if keep_blanks else None
     self.dropped = DropStats()
 
   def example(self, item: Any) -> formats.Example:
@@ -72,13 +75,13 @@ class Featurizer:
 
   def __call__(self, item: Any) -> dict | None:
     if int(item[0]) < 0:  # eval padding
-      return None
+      return self.blank
     ex = self.example(item)
     t = truncate(encode(ex, self.tok, self.s.template), self.s.limits, keep_bos=self.tok.add_bos)
     if ex.kind == "pairs" and t.responses[0] == t.responses[1]:
       path, loc = self.source.where(int(item[0]))
       self.dropped.add("identical_after_truncation", f"{path} {loc}")
-      return None
+      return self.blank
     if self.s.layout == "packed":
       return packing.packed_features(t.prompt, t.responses)
     if self.s.layout == "prompt_shared":
@@ -90,7 +93,7 @@ class Featurizer:
 
 
 def _not_none(x: Any) -> bool:
-  return x is not None
+  return x is not None and not layouts.is_blank(x)
 
 
 @dataclasses.dataclass
@@ -237,14 +240,16 @@ def make_pipeline(data_config: Any, tokenizer: Tokenizer | str | None = None, *,
   global_batch = int(g("batch_size") if train else (g("eval_batch_size") or g("batch_size")))
   batch = _local_batch(global_batch, process_count)
   items = _shard(index.items, process_index, process_count, pad=not train)
-  featurizer = Featurizer(index.source, s, tok)
+  featurizer = Featurizer(index.source, s, tok, keep_blanks=not train)
   ds = grain.MapDataset.source(items)
   if train:
     if g("shuffle"):
       ds = ds.shuffle(seed=seed)
     epochs = g("num_epochs")
     ds = ds.repeat(None if epochs is None else int(epochs))
-  ds = ds.map(featurizer).to_iter_dataset()
+  read = grain.ReadOptions(num_threads=int(g("read_threads")),
+                           prefetch_buffer_size=int(g("prefetch_buffer_size")))
+  ds = ds.map(featurizer).to_iter_dataset(read)
   ds = _apply_layout(ds, s, batch, index.has_margin, tok.pad_id, seed=seed, train=train)
   workers = int(g("worker_count") or 0) if train else 0
   if workers > 0:
