@@ -1,0 +1,156 @@
+"""Shared pieces of the recipes: the full key set with defaults, and `parse_arg`.
+
+Every recipe calls `base_config()` and overrides what it needs, so every run has every
+key (the CLI locks the config: a mistyped `--config.x.y` is an error naming the key).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from prefjax.data.config import default_data_config
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """big_vision-style `get_config(arg)` parsing: `"runlocal,variant=7b"` -> ConfigDict.
+
+  Each keyword of `spec` is a known argument with its default; a bare name sets a bool.
+  """
+  res = ml_collections.ConfigDict(dict(spec))
+  for part in filter(None, (arg or "").split(",")):
+    name, _, value = part.partition("=")
+    if name not in spec:
+      raise ValueError(f"unknown config argument {name!r}; known: {sorted(spec)}")
+    default = spec[name]
+    if not value:
+      res[name] = True
+    elif isinstance(default, bool):
+      res[name] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, int):
+      res[name] = int(value)
+    elif isinstance(default, float):
+      res[name] = float(value)
+    else:
+      res[name] = value
+  return res
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with a one-line comment each."""
+  c = ml_collections.ConfigDict()
+  c.task = "preference"  # sft | reward | preference | kto | export (eval_* / generate / iterative_dpo later)
+  c.seed = 0  # seeds init, data order and the step RNG
+  c.total_steps = 0  # optimizer steps; 0: derive from num_epochs
+  c.num_epochs = 0.0  # passes over the training split when total_steps == 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny_gemma"  # prefjax.models preset name (gemma_2b, gemma2_9b, bench_46m, ...)
+  c.model.init = None  # HF safetensors dir | official Flax Gemma ckpt | prefjax workdir | None: random
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU; float32 is faster on CPU)
+  c.model.param_dtype = "float32"  # master weights (keep float32)
+  c.model.remat = "none"  # none | full | save_dots: activation rematerialisation
+  c.model.scan_layers = False  # nn.scan over layers (faster compile for deep models)
+  c.model.num_reward_heads = None  # reward task: heads of the reward model (None: 1)
+  c.model.vocab_size = None  # override the preset's vocabulary (must match the tokenizer)
+  c.model.embed_dim = None  # override the preset's width D
+  c.model.num_layers = None  # override the preset's depth
+  c.model.num_heads = None  # override the preset's query heads
+  c.model.num_kv_heads = None  # override the preset's KV heads
+  c.model.head_dim = None  # override the preset's head dim
+  c.model.hidden_dim = None  # override the preset's MLP width
+  c.model.final_logit_softcap = None  # override the preset's final logit soft-cap
+  c.model.sliding_window = None  # override the preset's sliding window
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "dpo"  # preference: any prefjax.losses.names(); kto: kto; reward: bradley_terry | kwise
+  c.loss.beta = 0.1  # DPO-family temperature β (others under loss.*: label_smoothing, simpo_gamma, ...)
+
+  c.reference = ml_collections.ConfigDict()
+  c.reference.mode = "model"  # model: live frozen copy | precomputed: cached log-probs | none
+  c.reference.init = None  # reference checkpoint (None: the initial policy)
+  c.reference.cache_dir = None  # where precomputed log-probs are kept (None: <workdir>/ref_logps)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-6  # peak learning rate
+  c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  c.optim.warmup_steps = 0  # linear warmup from 0
+  c.optim.min_lr_ratio = 0.0  # final lr = learning_rate * min_lr_ratio (cosine / linear)
+  c.optim.weight_decay = 0.0  # AdamW decay (not on norms, biases, embeddings)
+  c.optim.decay_embeddings = False  # also decay the embedding table
+  c.optim.b1 = 0.9  # Adam β1
+  c.optim.b2 = 0.999  # Adam β2
+  c.optim.eps = 1e-8  # Adam ε
+  c.optim.grad_clip = 1.0  # global-norm clipping (0: off)
+  c.optim.grad_accum_steps = 1  # micro-batches per step (scanned inside the step)
+
+  c.data = default_data_config()  # data.* keys: see prefjax/data/config.py
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # pure data-parallel axis
+  c.mesh.fsdp = -1  # FSDP axis (-1: all remaining devices)
+  c.mesh.tensor = 1  # tensor-parallel axis
+  c.sharding_rules = ()  # ((logical_axis, mesh_axes), ...) overriding sharding.LOGICAL_AXIS_RULES
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0 (multi-process CPU / GPU)
+  c.distributed.num_processes = 1  # > 1: jax.distributed.initialize with these settings
+  c.distributed.process_id = 0  # this process's index
+  c.distributed.initialization_timeout = 120  # seconds to wait for the other processes
+
+  c.train = ml_collections.ConfigDict()
+  c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
+  c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 500  # save every N steps (and at the end / on SIGTERM)
+  c.ckpt.keep = 3  # keep the last N checkpoints
+  c.ckpt.best_metric = ""  # also keep the best checkpoint by this eval metric ("" off)
+  c.ckpt.best_mode = "max"  # max | min for best_metric
+  c.ckpt.async_save = True  # write checkpoints in the background
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 10  # metrics.jsonl / TensorBoard interval
+  c.log.progress = True  # tqdm bar on process 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 100  # eval interval (0: never)
+  c.eval.num_batches = 0  # eval batches per eval (0: the whole eval split)
+  c.eval.diagnostics = True  # policy-reference KL and top-k entropy/mass at eval
+  c.eval.topk = 10  # k of the top-k entropy / mass
+
+  c.export = ml_collections.ConfigDict()
+  c.export.from_workdir = None  # export task: trained run to export (None: --workdir)
+  c.export.output_dir = None  # export task: HF checkpoint folder (None: <workdir>/hf_export)
+  c.export.step = None  # export task: checkpoint step (None: latest)
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict, *, total_steps: int = 2) -> ml_collections.ConfigDict:
+  """Toy sizes: a tiny model on the shipped data, a couple of steps on CPU."""
+  c.model.preset = "tiny_gemma"
+  c.model.init = None
+  c.model.vocab_size = 32_000
+  c.model.dtype = "float32"
+  c.model.remat = "none"
+  c.model.scan_layers = False
+  c.reference.init = None
+  c.total_steps = total_steps
+  c.num_epochs = 0.0
+  c.data.train = default_data_config().train
+  c.data.eval = None
+  c.data.tokenizer = "mistral_v1"
+  c.data.chat_template = "hh"
+  c.data.on_bad_record = "skip"
+  c.data.batch_size = 8
+  c.data.max_len = 64
+  c.data.max_prompt_len = 32
+  c.data.max_response_len = 32
+  c.optim.grad_accum_steps = 1
+  c.optim.warmup_steps = 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.ckpt.every_steps = total_steps
+  c.log.every_steps = 1
+  c.eval.every_steps = total_steps
+  c.eval.num_batches = 1
+  return c

@@ -1,0 +1,102 @@
+r"""prefjax command line: `python -m prefjax.main --config=configs/NAME.py[:ARG] --workdir=DIR`.
+
+Thin: parse flags, validate the config, dispatch on `config.task`. Re-running the same
+command resumes from the last complete checkpoint in `DIR/checkpoints`.
+
+  python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/prefjax_quickstart
+  python -m prefjax.main --config=configs/dpo_gemma7b.py --workdir=gs://bucket/run \
+      --config.loss.beta=0.05
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Recipe file (configs/NAME.py[:ARG]); override keys with --config.a.b=v.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+
+
+def _train(config: Any, workdir: str) -> None:
+  from prefjax.train import loop  # pylint: disable=g-import-not-at-top
+  out = loop.run(config, workdir)
+  logging.info("done: %s", {k: v for k, v in out.items() if not k.startswith("eval/diag")})
+
+
+def _export(config: Any, workdir: str) -> None:
+  from prefjax.train import export  # pylint: disable=g-import-not-at-top
+  path = export.export(config, workdir)
+  print(f"exported to {path}")
+
+
+def task_table() -> dict[str, Callable[[Any, str], None]]:
+  """`config.task` -> entry point. Later tasks (eval_reward, generate, ...) register here."""
+  return {"sft": _train, "reward": _train, "preference": _train, "kto": _train,
+          "export": _export}
+
+
+class UsageError(Exception):
+  """A user error reported as one line on stderr, exit status 2."""
+
+
+def dispatch(config: Any, workdir: str) -> None:
+  """Validates `config` and runs its task in `workdir`."""
+  from prefjax.train import builders, validation as validate  # pylint: disable=g-import-not-at-top
+  table = task_table()
+  task = config.get("task")
+  if task not in table:
+    known = sorted(set(table) | set(validate.FUTURE_TASKS))
+    raise UsageError(f"unknown config.task {task!r}; tasks: {', '.join(known)}")
+  builders.maybe_initialize_distributed(config.get("distributed"))
+  validate.validate(config)
+  table[task](config, workdir)
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax / jax / grain; keeps their warnings and prefjax's info."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = any(s in record.pathname for s in ("/orbax/", "/jax/", "/grain/", "/jaxlib/"))
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def main(argv: list[str]) -> None:
+  for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    h.addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required (e.g. --config=configs/quickstart.py)")
+  from prefjax import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from prefjax.train import loop, validation as validate  # pylint: disable=g-import-not-at-top
+  user_errors = (UsageError, validate.ConfigError, checkpoint.CheckpointError,
+                 loop.NonFiniteLossError, data.DataError)
+  try:
+    dispatch(config, os.path.expanduser(_WORKDIR.value))
+  except user_errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  """Entry point; reports flag errors (e.g. an unknown --config key) without a traceback."""
+  try:
+    flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+  run()

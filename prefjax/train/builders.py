@@ -1,0 +1,131 @@
+"""Turns the config into the objects the loop needs: process group, mesh, model, params.
+
+Only `run()` (and `main.py`) read the config; these helpers take the pieces they need.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from prefjax import models
+from prefjax import sharding as sharding_lib
+
+# `model.*` keys passed to `models.get_config` as overrides when not None.
+MODEL_OVERRIDES = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                   "head_dim", "hidden_dim", "dtype", "param_dtype", "remat", "scan_layers",
+                   "num_reward_heads", "final_logit_softcap", "sliding_window")
+
+
+def maybe_initialize_distributed(dist: Any) -> None:
+  """`jax.distributed.initialize` for explicit multi-process configs or multi-host TPU.
+
+  `dist.num_processes > 1` (with `coordinator_address`, `process_id`) forms a job of
+  several processes (e.g. on 127.0.0.1 for CPU tests, gloo collectives). On a TPU pod
+  slice (several TPU workers in the environment) it is called without arguments.
+  """
+  if jax.distributed.is_initialized():
+    return
+  num = int(dist.get("num_processes", 1) or 1) if dist is not None else 1
+  if num > 1:
+    jax.distributed.initialize(
+        coordinator_address=dist.coordinator_address, num_processes=num,
+        process_id=int(dist.process_id),
+        initialization_timeout=int(dist.get("initialization_timeout", 120)))
+    return
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+
+
+def make_mesh(config: Any) -> tuple[Mesh, tuple]:
+  """The (data, fsdp, tensor) mesh and the logical-axis rules from the config."""
+  mesh = sharding_lib.make_mesh(dict(config.mesh),
+                                dcn_mesh_config=dict(config.get("dcn_mesh") or {}) or None)
+  rules = sharding_lib.rules_from_config(config.get("sharding_rules") or None)
+  return mesh, rules
+
+
+def model_config(model: Any, *, task: str, base: Optional[Any] = None) -> Any:
+  """`models.ModelConfig` from `model.preset` (or a loaded checkpoint's config) + overrides."""
+  overrides = {k: model.get(k) for k in MODEL_OVERRIDES if model.get(k) is not None}
+  if task == "reward":
+    overrides.setdefault("num_reward_heads", 1)
+  elif task in ("preference", "kto", "sft"):
+    overrides["num_reward_heads"] = 0
+  if base is not None:
+    return base.replace(**{k: v for k, v in overrides.items()
+                           if k in ("dtype", "param_dtype", "remat", "scan_layers",
+                                    "num_reward_heads")})
+  return models.get_config(model.preset, **overrides)
+
+
+def init_kind(path: Optional[str]) -> str:
+  """What `model.init` points at: none | hf | workdir | flax."""
+  if not path:
+    return "none"
+  if "://" not in path and os.path.isdir(os.path.join(path, "checkpoints")):
+    return "workdir"
+  if "://" not in path and os.path.exists(os.path.join(path, "config.json")):
+    return "hf"
+  return "flax"
+
+
+def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
+                    ) -> tuple[Any, Any]:
+  """`(cfg, params)` from a Hugging Face dir, an official Flax Gemma checkpoint or a workdir."""
+  kind = init_kind(path)
+  if kind == "workdir":
+    from prefjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    cfg = model_config(model, task=task)
+    sh = models.param_shardings(cfg, mesh, rules)
+    abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                            models.abstract_params(cfg), sh)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+    try:
+      return cfg, ckpt.restore_params(None, abstract)
+    finally:
+      ckpt.close()
+  if kind == "hf":
+    base, params = models.load_hf_checkpoint(path)
+  else:
+    loader = getattr(models, "load_flax_checkpoint", None) or getattr(
+        models, "load_gemma_checkpoint", None)
+    if loader is None:
+      raise ValueError(f"model.init={path!r} is neither a Hugging Face dir (config.json) nor a "
+                       "prefjax workdir (checkpoints/); this build has no Flax Gemma loader")
+    base, params = loader(path)
+  cfg = model_config(model, task=task, base=base)
+  params = add_missing_leaves(cfg, params, mesh, rules)
+  return cfg, jax.device_put(params, models.param_shardings(cfg, mesh, rules))
+
+
+def add_missing_leaves(cfg: Any, params: Any, mesh: Mesh, rules: Any) -> Any:
+  """Fills leaves absent from a loaded checkpoint (e.g. a new reward head) from a fresh init."""
+  want = models.abstract_params(cfg)
+  if jax.tree.structure(want) == jax.tree.structure(params):
+    return params
+  fresh = models.init_params(cfg, jax.random.PRNGKey(0), mesh=mesh, rules=rules)
+  def merge(a, b):
+    if isinstance(a, dict):
+      return {k: merge(a[k], b.get(k) if isinstance(b, dict) else None) for k in a}
+    return a if b is None else b
+  logging.info("model.init lacks some parameters (e.g. reward_head); initialised them fresh")
+  return merge(fresh, params)
+
+
+def init_params(config: Any, model_cfg: Any, mesh: Mesh, rules: Any) -> Any:
+  """Random sharded init from `config.seed` (never materialised unsharded)."""
+  rng = jax.random.PRNGKey(int(config.seed))
+  return models.init_params(model_cfg, rng, mesh=mesh, rules=rules)
+
+
+def checkpoint_bytes(abstract_params: Any, has_ref: bool) -> int:
+  """Bytes of one checkpoint: params + two Adam moments (+ reference params)."""
+  n = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+          for x in jax.tree.leaves(abstract_params))
+  return n * (4 if has_ref else 3)

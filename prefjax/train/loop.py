@@ -1,0 +1,323 @@
+"""`run(config, workdir)`: the training loop.
+
+    process group -> mesh -> model + (sharded) params -> reference -> optimizer -> state
+    -> restore (state + data iterator) -> jitted step -> loop: step, log, eval, save
+
+Everything runs under `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):`.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from prefjax import checkpoint as ckpt_lib
+from prefjax import sharding as sharding_lib
+from prefjax.train import builders
+from prefjax.train import data_io
+from prefjax.train import evaluate as eval_lib
+from prefjax.train import optimizer as optim_lib
+from prefjax.train import reference as ref_lib
+from prefjax.train import state as state_lib
+from prefjax.train import step as step_lib
+from prefjax.train import tasks as tasks_lib
+from prefjax.train.metrics_writer import MetricsWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm of a step was NaN/inf (nothing was saved from it)."""
+
+
+class _StopSignal:
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.signum: Optional[int] = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, _frame):
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+  def requested(self, sync: bool) -> bool:
+    """Whether any process got a signal (`sync`: agree across processes)."""
+    flag = self.signum is not None
+    if sync and jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    return flag
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """Trains `config.task` in `workdir` (resuming if it holds a checkpoint); returns a summary."""
+  builders.maybe_initialize_distributed(config.get("distributed"))
+  jax.config.update("jax_threefry_partitionable", True)
+  mesh, rules = builders.make_mesh(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    trainer = Trainer(config, workdir, mesh, rules)
+    try:
+      return trainer.fit()
+    finally:
+      trainer.close()
+
+
+class Trainer:
+  """Holds what the loop needs; `fit()` runs it. Built inside the mesh context."""
+
+  def __init__(self, config: Any, workdir: str, mesh: Any, rules: Any):
+    self.config, self.workdir, self.mesh, self.rules = config, workdir, mesh, rules
+    self.task_name = config.task
+    self.ref_mode = config.reference.mode if self.task_name in ("preference", "kto") else "none"
+    self.layout = data_io.layout(config)
+    self.ckpt = None
+    self.writer = None
+    self.eval_fn = None
+    self.diag_fn = None
+    self._eval_iter = None
+    self._setup_model()
+    ckpt_lib.check_writable(workdir, builders.checkpoint_bytes(
+        self.abstract_params, self.ref_mode == "model"))
+    self._write_config()
+    self.tokenizer = data_io.load_tokenizer(config)
+    self.total_steps = data_io.total_steps(config, self.tokenizer)
+    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, self.total_steps)
+    self.task = tasks_lib.make_task(
+        self.task_name, model_cfg=self.model_cfg, layout=self.layout, loss_config=config.loss,
+        ref_mode=self.ref_mode, chunk_size=int(config.train.logps_chunk_size))
+    has_ref = self.ref_mode == "model"
+    self.state_sh = state_lib.state_shardings(self.tx, self.abstract_params, self.param_sh,
+                                              mesh, has_ref)
+    self.ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=int(config.ckpt.keep),
+        best_metric=config.ckpt.get("best_metric") or None,
+        best_mode=config.ckpt.get("best_mode", "max"),
+        async_save=bool(config.ckpt.get("async_save", True)))
+
+  # --------------------------------------------------------------------- setup
+
+  def _setup_model(self) -> None:
+    c = self.config
+    if builders.init_kind(c.model.init) == "none":
+      self.model_cfg = builders.model_config(c.model, task=self.task_name)
+      self._pretrained = None
+    else:
+      self.model_cfg, self._pretrained = builders.load_pretrained(
+          c.model.init, c.model, task=self.task_name, mesh=self.mesh, rules=self.rules)
+    self.param_sh = _param_shardings(self.model_cfg, self.mesh, self.rules)
+    self.abstract_params = _abstract(self.model_cfg, self.param_sh)
+
+  def _write_config(self) -> None:
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(self.config.to_json_best_effort(indent=1, sort_keys=True))
+
+  def _initial_params(self) -> Any:
+    if self._pretrained is not None:
+      params, self._pretrained = self._pretrained, None
+      return params
+    return builders.init_params(self.config, self.model_cfg, self.mesh, self.rules)
+
+  def _reference_params(self, params: Any) -> Any:
+    """Reference = `reference.init` when set, else a copy of the initial policy."""
+    path = self.config.reference.get("init")
+    if path:
+      _, ref = builders.load_pretrained(path, self.config.model, task=self.task_name,
+                                        mesh=self.mesh, rules=self.rules)
+      return ref
+    return jax.jit(lambda p: p, out_shardings=self.param_sh)(params)
+
+  def _new_state(self) -> state_lib.TrainState:
+    params = self._initial_params()
+    ref = None
+    if self.ref_mode in ("model", "precomputed"):
+      ref = self._reference_params(params)
+    if self.ref_mode == "precomputed":
+      self._precompute(ref)
+      ref = None
+      gc.collect()
+    return state_lib.create_state(params, self.tx, self.state_sh, ref, int(self.config.seed))
+
+  def _precompute(self, ref_params: Any) -> None:
+    c = self.config
+    self.ref_cache = data_io.ref_cache(c, self.workdir).load()
+    fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, int(c.train.logps_chunk_size),
+                             self.param_sh, self.mesh)
+    ref_lib.precompute(self.ref_cache, fn, ref_params,
+                       data_io.pipeline(c, self.tokenizer, "train"), self.mesh,
+                       num_batches=self.total_steps)
+    if data_io.has_eval(c):
+      ref_lib.precompute(self.ref_cache, fn, ref_params,
+                         data_io.pipeline(c, self.tokenizer, "eval"), self.mesh,
+                         num_batches=int(c.eval.num_batches) or 10**9)
+    self.ref_cache.save(f"{jax.process_index()}_{os.getpid()}")
+
+  def _restore_or_init(self, data_iter: Any) -> state_lib.TrainState:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return self._new_state()
+    logging.info("resuming from %s step %d", self.ckpt.directory, step)
+    if self.ref_mode == "precomputed":
+      self.ref_cache = data_io.ref_cache(self.config, self.workdir).load()
+      self._pretrained = None
+    abstract = state_lib.abstract_state(self.tx, self.abstract_params, self.state_sh,
+                                        self.ref_mode == "model")
+    return self.ckpt.restore(step, abstract, data_iter)
+
+  # --------------------------------------------------------------------- loop
+
+  def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    if self.ref_mode == "precomputed":
+      local = ref_lib.attach(local, self.ref_cache)
+    return sharding_lib.make_global_batch(data_io.model_inputs(local), self.mesh)
+
+  def fit(self) -> dict[str, Any]:
+    """Runs (or resumes) training to `total_steps`; returns the last metrics."""
+    c = self.config
+    data_iter = data_io.pipeline(c, self.tokenizer, "train")
+    state = self._restore_or_init(data_iter)
+    start = int(jax.device_get(state.step))
+    self.writer = MetricsWriter(self.workdir, self.total_steps, start,
+                                progress=bool(c.log.get("progress", True)))
+    self.step_fn = None
+    last: dict[str, Any] = {"step": start}
+    best = None
+    with _StopSignal() as stop:
+      step = start
+      while step < self.total_steps:
+        local = next(data_iter)
+        t0 = time.perf_counter()
+        state, metrics = self._train_one(state, local)
+        step += 1
+        last = self._after_step(step, metrics, local, time.perf_counter() - t0)
+        evals = self._maybe_eval(step, state)
+        if evals:
+          last.update(evals)
+        self._maybe_save(step, state, data_iter, evals)
+        if stop.requested(sync=step % int(c.log.every_steps) == 0):
+          logging.warning("signal %s: saving step %d and exiting", stop.signum, step)
+          self._save(step, state, data_iter, None, force=True)
+          last["stopped_by_signal"] = stop.signum
+          break
+      else:
+        self._save(step, state, data_iter, None, force=True)
+    self.ckpt.wait()
+    self.final_state = state
+    return last
+
+  def _train_one(self, state, local):
+    batch = self._global_batch(local)
+    if self.step_fn is None:
+      self.batch_sh = step_lib.batch_shardings(batch, self.mesh)
+      self.step_fn = step_lib.jit_train_step(
+          self.task, self.tx, self.schedule, self.state_sh, self.batch_sh, self.mesh,
+          accum_steps=int(self.config.optim.grad_accum_steps))
+    with jax.transfer_guard("disallow"):
+      return self.step_fn(state, batch)
+
+  def _after_step(self, step: int, metrics: Any, local: dict, dt: float) -> dict[str, Any]:
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if m.pop("nonfinite") > 0:
+      msg = (f"non-finite loss or gradient at step {step} (loss={m['loss']}, "
+             f"grad_norm={m['grad_norm']}); the update was not applied")
+      if not self.config.train.get("skip_nonfinite", False):
+        raise NonFiniteLossError(msg + "; stopping without saving it. Set "
+                                 "--config.train.skip_nonfinite=True to skip such steps.")
+      logging.warning("%s; skipped (train.skip_nonfinite=True)", msg)
+      m["skipped"] = 1.0
+    tokens = data_io.real_tokens(local) * jax.process_count()
+    m["tokens_per_s"] = tokens / max(dt, 1e-9)
+    self.writer.progress(step, m["loss"], m["tokens_per_s"])
+    every = int(self.config.log.every_steps)
+    if step % every == 0 or step == 1 or step == self.total_steps:
+      self.writer.write(step, m)
+    return {"step": step, **m}
+
+  def _maybe_eval(self, step: int, state) -> Optional[dict[str, float]]:
+    every = int(self.config.eval.every_steps)
+    if not every or not data_io.has_eval(self.config):
+      return None
+    if step % every and step != self.total_steps:
+      return None
+    ev = self.evaluate(state)
+    self.writer.write(step, ev)
+    return ev
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Eval metrics (and diagnostics) of `state` on the eval split."""
+    c = self.config
+    if self._eval_iter is None:
+      self._eval_iter = data_io.pipeline(c, self.tokenizer, "eval")
+      self._eval_start = self._eval_iter.get_state()
+    self._eval_iter.set_state(self._eval_start)  # the same eval batches every time
+    n = int(c.eval.num_batches) or None
+    it = (self._global_batch(b) for b in itertools.islice(self._eval_iter, n))
+    b0 = next(it)
+    if self.eval_fn is None:
+      self._build_eval(b0, state.ref_params is not None)
+    out = eval_lib.run_eval(self.eval_fn, state.params, state.ref_params, _prepend(b0, it))
+    if self.diag_fn is not None:
+      out.update(eval_lib.diag_metrics(jax.device_get(
+          self.diag_fn(state.params, state.ref_params, b0))))
+    return out
+
+  def _build_eval(self, batch, has_ref: bool) -> None:
+    c = self.config
+    bsh = step_lib.batch_shardings(batch, self.mesh)
+    ref_sh = self.param_sh if has_ref else None
+    self.eval_fn = step_lib.jit_eval_step(self.task, self.param_sh, ref_sh, bsh, self.mesh)
+    if self.task_name in ("preference", "sft") and c.eval.get("diagnostics", True):
+      self.diag_fn = eval_lib.jit_diagnostics(
+          self.model_cfg, self.layout, self.param_sh, ref_sh, bsh, self.mesh,
+          int(c.eval.get("topk", 10)), int(c.train.logps_chunk_size))
+
+  def _maybe_save(self, step: int, state, data_iter, evals) -> None:
+    every = int(self.config.ckpt.every_steps)
+    if (every and step % every == 0) or (evals and self.ckpt.best_metric):
+      self._save(step, state, data_iter, evals)
+
+  def _save(self, step, state, data_iter, evals, force=False) -> None:
+    if self.ckpt.latest_step() == step:
+      return
+    self.ckpt.save(step, state, data_iter, metrics=evals, force=force)
+
+  def close(self) -> None:
+    if self.ckpt is not None:
+      self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _prepend(first, rest):
+  yield first
+  yield from rest
+
+
+def _param_shardings(model_cfg, mesh, rules):
+  from prefjax import models  # pylint: disable=g-import-not-at-top
+  return models.param_shardings(model_cfg, mesh, rules)
+
+
+def _abstract(model_cfg, param_sh):
+  from prefjax import models  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                      models.abstract_params(model_cfg), param_sh)

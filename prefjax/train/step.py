@@ -1,0 +1,118 @@
+"""The train step: one pure function, jitted once with explicit shardings.
+
+`train_step(state, batch, *, task, tx, schedule, accum_steps, skip_nonfinite)`:
+scan over `accum_steps` micro-batches summing gradients and `(sum, count)` statistics,
+normalise, clip + AdamW, and refuse non-finite updates (the state is kept as it was
+and `metrics["nonfinite"]` is 1; the loop stops or skips).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prefjax import sharding as sharding_lib
+from prefjax.train.state import TrainState
+from prefjax.train.tasks import Stats, Task
+
+Batch = dict[str, jax.Array]
+
+
+def split_micro(batch: Batch, accum_steps: int) -> Batch:
+  """[B, ...] -> [A, B/A, ...], micro-batch a = rows a, a+A, ... (each stays on its shard)."""
+  def split(x):
+    b = x.shape[0]
+    if b % accum_steps:
+      raise ValueError(f"batch of {b} rows is not divisible by grad_accum_steps={accum_steps}")
+    y = x.reshape((b // accum_steps, accum_steps) + x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    spec = P(None, sharding_lib.BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(y, spec) if _has_mesh() else y
+  return jax.tree.map(split, batch)
+
+
+def _has_mesh() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh is not None and not mesh.empty and all(
+      a in mesh.axis_names for a in sharding_lib.BATCH_AXES)
+
+
+def finalize_stats(stats: Stats) -> dict[str, jax.Array]:
+  """`{name: (sum, count)}` -> `{name: sum / count}` (0 where the count is 0)."""
+  return {k: s / jnp.maximum(n, 1e-9) * (n > 0) for k, (s, n) in stats.items()}
+
+
+def accumulate_grads(loss_fn: Callable, params: Any, ref_params: Any, batch: Batch,
+                     accum_steps: int) -> tuple[Any, Stats]:
+  """Summed gradients of `loss_sum` and summed statistics over micro-batches."""
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(params, ref_params, batch)
+  micro = split_micro(batch, accum_steps)
+
+  def body(carry, mb):
+    g_acc, s_acc = carry
+    g, s = grad_fn(params, ref_params, mb)
+    return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  g0, s0 = grad_fn(params, ref_params, first)
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  (grads, stats), _ = jax.lax.scan(body, (g0, s0), rest)
+  return grads, stats
+
+
+def train_step(state: TrainState, batch: Batch, *, task: Task,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               accum_steps: int = 1, skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+  """One optimizer update; returns the new state and replicated scalar metrics."""
+  del skip_nonfinite  # the step never applies a non-finite update; the loop decides
+  rng, _ = jax.random.split(state.rng)
+  grads, stats = accumulate_grads(task.loss_fn, state.params, state.ref_params, batch,
+                                  accum_steps)
+  n = jnp.maximum(stats["loss"][1], 1e-9)
+  grads = jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
+  metrics = finalize_stats(stats)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state), rng=rng)
+  metrics.update(grad_norm=grad_norm, lr=schedule(state.step),
+                 nonfinite=1.0 - finite.astype(jnp.float32))
+  return new_state, metrics
+
+
+def eval_step(params: Any, ref_params: Any, batch: Batch, *, task: Task) -> Stats:
+  """Summed statistics of one eval batch (no gradients)."""
+  return task.eval_fn(params, ref_params, batch)
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+  """Leading axis over (data, fsdp), the rest replicated, for every batch leaf."""
+  return jax.tree.map(lambda x: sharding_lib.batch_sharding(mesh, len(x.shape)), batch)
+
+
+def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   state_sh: TrainState, batch_sh: Any, mesh: Mesh, *,
+                   accum_steps: int = 1) -> Callable:
+  """`jax.jit(train_step)` with explicit shardings and the state donated."""
+  repl = NamedSharding(mesh, P())
+  fn = functools.partial(train_step, task=task, tx=tx, schedule=schedule,
+                         accum_steps=accum_steps)
+  return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                 donate_argnums=0)
+
+
+def jit_eval_step(task: Task, param_sh: Any, ref_sh: Any, batch_sh: Any, mesh: Mesh) -> Callable:
+  """Jitted `eval_step` returning replicated `(sum, count)` statistics."""
+  repl = NamedSharding(mesh, P())
+  return jax.jit(functools.partial(eval_step, task=task),
+                 in_shardings=(param_sh, ref_sh, batch_sh), out_shardings=repl)

@@ -1,0 +1,132 @@
+"""`validate(config)`: fail fast, with messages that name the key, before anything is built."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from prefjax import losses as losses_lib
+from prefjax import sharding as sharding_lib
+
+TRAIN_TASKS = ("sft", "reward", "preference", "kto")
+OTHER_TASKS = ("export",)
+FUTURE_TASKS = ("eval_reward", "eval_implicit_reward", "generate", "iterative_dpo")
+REWARD_LOSSES = ("bradley_terry", "kwise")
+REF_MODES = ("model", "precomputed", "none")
+# config.loss keys the trainer reads itself (not passed to the loss function).
+_TASK_LOSS_KEYS = {"reward": ("use_margin", "center_rewards_coefficient", "beta")}
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the offending key."""
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def needs_reference(loss: Callable, loss_kwargs: dict) -> bool:
+  """Whether a paired loss needs reference log-probs (it raises without them)."""
+  z = jnp.zeros((2,), jnp.float32)
+  lp = losses_lib.PairedLogps(chosen=z, rejected=z, chosen_lengths=z + 1, rejected_lengths=z + 1)
+  try:
+    jax.eval_shape(lambda: loss(lp, **loss_kwargs))
+  except (ValueError, TypeError, AttributeError):
+    return True
+  return False
+
+
+def _check_kwargs(fn: Callable, kwargs: dict, name: str) -> None:
+  params = inspect.signature(fn).parameters
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return
+  allowed = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY]
+  for k in kwargs:
+    _check(k in params, f"config.loss.{k} is not a hyperparameter of loss {name!r}; "
+           f"it takes {allowed}")
+
+
+def _validate_loss(config: Any) -> None:
+  task, loss = config.task, config.loss
+  kwargs = {k: v for k, v in dict(loss).items() if k != "name" and v is not None}
+  mode = config.reference.mode
+  if task == "preference":
+    _check(loss.name in losses_lib.names(), f"unknown config.loss.name {loss.name!r}; "
+           f"known paired losses: {', '.join(losses_lib.names())}")
+    fn = losses_lib.get(loss.name)
+    _check_kwargs(fn, kwargs, loss.name)
+    _check(mode in REF_MODES, f"config.reference.mode={mode!r}; expected one of {REF_MODES}")
+    need = needs_reference(fn, kwargs)
+    _check(not (need and mode == "none"),
+           f"loss {loss.name!r} needs reference log-probs but config.reference.mode='none'; "
+           "use 'model' or 'precomputed'")
+    _check(need or mode == "none",
+           f"loss {loss.name!r} is reference-free; set config.reference.mode='none' "
+           f"(got {mode!r}, which would hold or compute an unused reference)")
+  elif task == "kto":
+    names = losses_lib.unpaired_names()
+    _check(loss.name in names, f"unknown config.loss.name {loss.name!r} for task 'kto'; "
+           f"known unpaired losses: {', '.join(names)}")
+    _check_kwargs(losses_lib.get_unpaired(loss.name), kwargs, loss.name)
+    _check(mode == "model", f"task 'kto' needs config.reference.mode='model', got {mode!r}")
+  elif task == "reward":
+    _check(loss.name in REWARD_LOSSES, f"unknown config.loss.name {loss.name!r} for task "
+           f"'reward'; expected one of {REWARD_LOSSES}")
+    if loss.name == "kwise":
+      rest = {k: v for k, v in kwargs.items() if k not in _TASK_LOSS_KEYS["reward"]}
+      _check_kwargs(losses_lib.kwise_ranking, rest, "kwise")
+    else:
+      extra = [k for k in kwargs if k not in _TASK_LOSS_KEYS["reward"]]
+      _check(not extra, f"config.loss.{extra[0] if extra else ''} is not used by "
+             f"bradley_terry; it takes {list(_TASK_LOSS_KEYS['reward'][:2])}")
+
+
+def _validate_batch(config: Any) -> None:
+  try:
+    shape = sharding_lib.resolve_mesh_shape(dict(config.mesh), jax.device_count())
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  shards = shape[0] * shape[1]
+  bs, accum = int(config.data.batch_size), int(config.optim.grad_accum_steps)
+  _check(accum >= 1, f"config.optim.grad_accum_steps={accum} must be >= 1")
+  procs = jax.process_count()
+  _check(bs > 0 and bs % procs == 0, f"config.data.batch_size={bs} must be a positive multiple "
+         f"of the number of processes ({procs})")
+  _check(bs % (accum * shards) == 0,
+         f"config.data.batch_size={bs} must be divisible by grad_accum_steps ({accum}) x batch "
+         f"shards (mesh data x fsdp = {shards}) = {accum * shards}")
+  ebs = int(config.data.get("eval_batch_size") or bs)
+  _check(ebs % shards == 0 and ebs % procs == 0,
+         f"config.data.eval_batch_size={ebs} must be divisible by the {shards} batch shards "
+         f"and {procs} processes")
+
+
+def validate(config: Any) -> None:
+  """Raises ConfigError naming the key for configs that cannot run."""
+  task = config.get("task")
+  known = TRAIN_TASKS + OTHER_TASKS + FUTURE_TASKS
+  _check(task in known, f"unknown config.task {task!r}; tasks: {', '.join(known)}")
+  _check(task not in FUTURE_TASKS, f"config.task={task!r} is not implemented in this build; "
+         f"available: {', '.join(TRAIN_TASKS + OTHER_TASKS)}")
+  if task == "export":
+    return
+  _check(int(config.get("total_steps") or 0) > 0 or float(config.get("num_epochs") or 0) > 0,
+         "set config.total_steps > 0 or config.num_epochs > 0")
+  _check(float(config.optim.learning_rate) >= 0, "config.optim.learning_rate must be >= 0")
+  _check(config.optim.schedule in ("cosine", "linear", "constant"),
+         f"config.optim.schedule={config.optim.schedule!r}; expected cosine | linear | constant")
+  layout = config.data.get("layout", "padded")
+  _check(layout in ("padded", "packed", "prompt_shared"),
+         f"config.data.layout={layout!r}; expected padded | packed | prompt_shared")
+  _check(not (task in ("sft", "kto") and layout != "padded"),
+         f"task {task!r} needs config.data.layout='padded' (packing is for pairs)")
+  best = config.ckpt.get("best_metric") or ""
+  _check(not best or best.startswith("eval/"),
+         f"config.ckpt.best_metric={best!r} must name an eval metric (eval/...)")
+  _check(int(config.ckpt.keep) >= 1, "config.ckpt.keep must be >= 1")
+  _check(int(config.log.every_steps) >= 1, "config.log.every_steps must be >= 1")
+  _validate_loss(config)
+  _validate_batch(config)
