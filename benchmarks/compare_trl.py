@@ -61,12 +61,14 @@ _HH = os.path.join(_REPO, "prefjax", "assets", "data", "hh_rlhf_helpful_base", "
 
 # Comparison groups: each is stepped round-robin in one go. (side, config) pairs.
 GROUPS: dict[str, list[tuple[str, str]]] = {
-    "dpo_ref": [("trl", "dpo_ref"), ("prefjax", "dpo_ref")],
+    "dpo_ref": [("trl", "dpo_ref"), ("prefjax", "dpo_ref"), ("prefjax", "dpo_ref_packed"),
+                ("prefjax", "dpo_ref_shared")],
     "dpo_precomputed": [("trl", "dpo_precomputed"), ("prefjax", "dpo_precomputed"),
-                        ("prefjax", "simpo"), ("prefjax", "dpo_ref_packed")],
+                        ("prefjax", "simpo")],
     "reward": [("trl", "reward"), ("prefjax", "reward")],
 }
-DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed")
+DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed", "dpo_ref_shared")
+EXTRAS = ("simpo", "dpo_ref_packed", "dpo_ref_shared")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,151 +372,307 @@ def _run_trl_worker(spec: Spec, config: str, chan: _Channel) -> None:
 # ----------------------------------------------------------------------------------------------
 # prefjax worker.
 
+PAIR_LAYOUT = {"dpo_ref": "padded", "dpo_precomputed": "padded", "simpo": "padded",
+               "dpo_ref_packed": "packed", "dpo_ref_shared": "prompt_shared", "reward": "padded"}
+REF_MODE = {"dpo_ref": "model", "dpo_precomputed": "precomputed", "simpo": "none",
+            "dpo_ref_packed": "model", "dpo_ref_shared": "model", "reward": "none"}
+
+
+class _AttrDict(dict):
+  """A dict with attribute access (what `config.loss` / `config.optim` look like)."""
+
+  def __getattr__(self, k: str) -> Any:
+    try:
+      return self[k]
+    except KeyError as e:
+      raise AttributeError(k) from e
+
+
+def _hf_to_prefjax_local(path: str) -> tuple[Any, Any]:
+  """Benchmark-local HF Gemma-1 -> prefjax (official Flax names) converter.
+
+  Used only when `prefjax.models.load_hf_checkpoint` does not exist yet. Covers exactly the
+  benchmark model family: Gemma 1, tied embeddings, MQA/GQA (`kv_einsum`) or MHA.
+  """
+  import numpy as np
+  import prefjax
+  from safetensors.numpy import load_file
+
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  t: dict[str, Any] = {}
+  for name in sorted(os.listdir(path)):
+    if name.endswith(".safetensors"):
+      t.update(load_file(os.path.join(path, name)))
+  t = {k.removeprefix("model."): v.astype(np.float32) for k, v in t.items()}
+  n, k, h = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+  d, f = hf["hidden_size"], hf["intermediate_size"]
+  cfg = prefjax.models.get_config(
+      "bench_46m", vocab_size=hf["vocab_size"], embed_dim=d, num_layers=hf["num_hidden_layers"],
+      num_heads=n, num_kv_heads=k, head_dim=h, hidden_dim=f, norm_eps=hf["rms_norm_eps"])
+  params: dict[str, Any] = {"embedder": {"input_embedding": t["embed_tokens.weight"]},
+                            "final_norm": {"scale": t["norm.weight"]}}
+  for i in range(cfg.num_layers):
+    p = f"layers.{i}."
+    q = t[p + "self_attn.q_proj.weight"].reshape(n, h, d).transpose(0, 2, 1)
+    kk = t[p + "self_attn.k_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
+    vv = t[p + "self_attn.v_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
+    o = t[p + "self_attn.o_proj.weight"].T.reshape(n, h, d)
+    attn = {"attn_vec_einsum": {"w": o}}
+    if cfg.use_qkv_einsum:
+      attn["qkv_einsum"] = {"w": np.stack([q, kk, vv])}
+    else:
+      attn["q_einsum"] = {"w": q}
+      attn["kv_einsum"] = {"w": np.stack([kk, vv])}
+    params[f"layer_{i}"] = {
+        "attn": attn,
+        "mlp": {"gating_einsum": np.stack([t[p + "mlp.gate_proj.weight"].T,
+                                           t[p + "mlp.up_proj.weight"].T]),
+                "linear": t[p + "mlp.down_proj.weight"].T},
+        "pre_attention_norm": {"scale": t[p + "input_layernorm.weight"]},
+        "pre_ffw_norm": {"scale": t[p + "post_attention_layernorm.weight"]},
+    }
+  return cfg, params
+
+
+def _load_policy(path: str) -> tuple[Any, Any, str]:
+  """(cfg, params, how): `prefjax.models.load_hf_checkpoint` if present, else the local one."""
+  import prefjax
+  fn = getattr(prefjax.models, "load_hf_checkpoint", None)
+  if fn is not None:
+    cfg, params = fn(path)
+    return cfg, params, "prefjax.models.load_hf_checkpoint"
+  cfg, params = _hf_to_prefjax_local(path)
+  return cfg, params, "benchmark-local converter (load_hf_checkpoint missing)"
+
+
+def _load_reward(spec: Spec) -> tuple[Any, Any, str]:
+  """prefjax reward model = the HF policy trunk + the HF score head (`score.weight` [1, D])."""
+  import numpy as np
+  from safetensors.numpy import load_file
+
+  cfg, params, how = _load_policy(os.path.join(spec.workdir, "policy"))
+  cfg = cfg.replace(num_reward_heads=1)
+  rm_dir = os.path.join(spec.workdir, "reward")
+  tensors: dict[str, Any] = {}
+  for name in os.listdir(rm_dir):
+    if name.endswith(".safetensors"):
+      tensors.update(load_file(os.path.join(rm_dir, name)))
+  w = tensors["score.weight"].astype(np.float32)  # [1, D], no bias
+  params = {k: v for k, v in params.items() if k != "lm_head"}
+  params["reward_head"] = {"w": w.T.copy(), "b": np.zeros((1,), np.float32)}
+  return cfg, params, how
+
 
 def _pad_pairs(spec: Spec, batch: list[dict[str, list[int]]], length: int) -> dict[str, Any]:
-  """The `pairs, padded` layout of docs/internals.md, [B, 2, L], built from token ids."""
+  """`pairs, padded` [B, 2, L] (docs/internals.md): prefjax.data's collate, else local."""
   import numpy as np
-
+  try:
+    from prefjax.data.layouts import collate_pairs
+    elements = [{"prompt": np.asarray(e["prompt_ids"], np.int32),
+                 "responses": [np.asarray(e["chosen_ids"], np.int32),
+                               np.asarray(e["rejected_ids"], np.int32)]} for e in batch]
+    return collate_pairs(elements, batch=len(batch), length=length, has_margin=False,
+                         pad_id=spec.pad_id)
+  except ImportError:
+    pass
   b = len(batch)
-  arrays = {k: np.zeros((b, 2, length), np.int32) for k in ("tokens", "targets", "positions",
-                                                            "segment_ids")}
-  arrays["loss_mask"] = np.zeros((b, 2, length), np.float32)
+  a = {k: np.zeros((b, 2, length), np.int32) for k in ("tokens", "targets", "positions",
+                                                       "segment_ids")}
+  a["loss_mask"] = np.zeros((b, 2, length), np.float32)
   for i, ex in enumerate(batch):
     for j, resp in enumerate((ex["chosen_ids"], ex["rejected_ids"])):
       seq = ex["prompt_ids"] + resp
       n = len(seq)
-      arrays["tokens"][i, j, :n] = seq
-      arrays["tokens"][i, j, n:] = spec.pad_id
-      arrays["targets"][i, j, :n - 1] = seq[1:]
+      a["tokens"][i, j, :n] = seq
+      a["targets"][i, j, :n - 1] = seq[1:]
       # loss_mask[t] = 1 where targets[t] (= seq[t+1]) is a response token.
-      arrays["loss_mask"][i, j, len(ex["prompt_ids"]) - 1:n - 1] = 1.0
-      arrays["positions"][i, j, :n] = np.arange(n)
-      arrays["segment_ids"][i, j, :n] = 1
-  return arrays
-
-
-def _pack_pairs(spec: Spec, batch: list[dict[str, list[int]]], row_len: int) -> dict[str, Any]:
-  """The `pairs, packed` layout: pairs placed first-fit into rows of `row_len` tokens."""
-  import numpy as np
-
-  rows: list[list[dict[str, list[int]]]] = []
-  used: list[int] = []
-  for ex in batch:
-    need = 2 * len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"])
-    for r in range(len(rows)):
-      if used[r] + need <= row_len:
-        rows[r].append(ex)
-        used[r] += need
-        break
-    else:
-      rows.append([ex])
-      used.append(need)
-  s = max(len(r) for r in rows)
-  nr = len(rows)
-  a = {k: np.zeros((nr, row_len), np.int32) for k in ("tokens", "targets", "positions",
-                                                      "segment_ids")}
-  a["tokens"][:] = spec.pad_id
-  a["loss_mask"] = np.zeros((nr, row_len), np.float32)
-  a["pair_mask"] = np.zeros((nr, s), np.float32)
-  for r, row in enumerate(rows):
-    off = 0
-    for p, ex in enumerate(row):
-      a["pair_mask"][r, p] = 1.0
-      for j, resp in enumerate((ex["chosen_ids"], ex["rejected_ids"])):
-        seq = ex["prompt_ids"] + resp
-        n = len(seq)
-        a["tokens"][r, off:off + n] = seq
-        a["targets"][r, off:off + n - 1] = seq[1:]
-        a["loss_mask"][r, off + len(ex["prompt_ids"]) - 1:off + n - 1] = 1.0
-        a["positions"][r, off:off + n] = np.arange(n)
-        a["segment_ids"][r, off:off + n] = 2 * p + j + 1
-        off += n
+      a["loss_mask"][i, j, len(ex["prompt_ids"]) - 1:n - 1] = 1.0
+      a["positions"][i, j, :n] = np.arange(n)
+      a["segment_ids"][i, j, :n] = 1
   return a
 
 
-class _PrefjaxWorker:
-  """Builds prefjax params from the HF checkpoints and a jitted step for one configuration.
+def _pack_rows(batch: list[dict[str, list[int]]], row_len: int, shared: bool
+               ) -> list[list[dict[str, Any]]]:
+  """First-fit: pair features (prefjax.data.packing) into rows of at most `row_len` tokens."""
+  from prefjax.data.packing import packed_features, prompt_shared_features
+  feat = prompt_shared_features if shared else packed_features
+  rows: list[list[dict[str, Any]]] = []
+  used: list[int] = []
+  for ex in batch:
+    fe = feat(ex["prompt_ids"], [ex["chosen_ids"], ex["rejected_ids"]])
+    need = len(fe["tokens"])
+    for r in range(len(rows)):
+      if used[r] + need <= row_len:
+        rows[r].append(fe)
+        used[r] += need
+        break
+    else:
+      rows.append([fe])
+      used.append(need)
+  return rows
 
-  The step is benchmark-local unless `prefjax.train` exposes a usable step (see
-  `_train_step_from_library`): forward_hidden -> ops.token_logps_from_hidden (chunked LM head,
-  never [B,T,V]) -> ops.sequence_logps / segment_logps -> losses.get(name) -> mean -> grads ->
-  optax (clip by global norm, AdamW), jitted once with donated params/opt state.
+
+def _collate_packed(rows: list[list[dict[str, Any]]], row_len: int, num_rows: int,
+                    max_pairs: int, shared: bool) -> dict[str, Any]:
+  """Rows in the packer's output format -> prefjax.data.packing.collate_rows -> [R, L]."""
+  import numpy as np
+  from prefjax.data.packing import collate_rows
+  packed = []
+  for row in rows:
+    out = {k: np.zeros(row_len, np.float32 if k == "loss_mask" else np.int32)
+           for k in ("tokens", "targets", "loss_mask", "positions", "sub", "tokens_segment_ids")}
+    off = 0
+    for p, fe in enumerate(row):
+      n = len(fe["tokens"])
+      for k in ("tokens", "targets", "loss_mask", "positions", "sub"):
+        out[k][off:off + n] = fe[k]
+      out["tokens_segment_ids"][off:off + n] = p + 1
+      off += n
+    packed.append(out)
+  return collate_rows(packed, num_rows=num_rows, max_pairs_per_row=max_pairs, shared=shared)
+
+
+class _PrefjaxWorker:
+  """prefjax params from the HF checkpoints and one jitted train step for one configuration.
+
+  `step_impl == "train"`: the library step, `prefjax.train.train_step` with
+  `prefjax.train.make_task` (preference / reward task, padded / packed / prompt_shared layout,
+  ref_mode model / precomputed / none) and `prefjax.train.optimizer.make_optimizer` (clip +
+  AdamW, constant LR), jitted once with the state donated. `"local"`: a benchmark-local step
+  (forward_hidden -> ops.token_logps_from_hidden -> ops.sequence_logps -> losses.get(name) ->
+  mean -> grads -> clip + AdamW), used when prefjax.train is missing or on request.
   """
 
   def __init__(self, spec: Spec, config: str):
     import jax
+    import jax.numpy as jnp
     import numpy as np
-    import optax
-    import prefjax
 
     self.spec, self.config = spec, config
-    self.jax, self.np = jax, np
+    self.layout, self.ref_mode = PAIR_LAYOUT[config], REF_MODE[config]
     with open(os.path.join(spec.workdir, "examples.json")) as f:
       self.examples = json.load(f)
-    models = prefjax.models
-    self.length = spec.prompt_len + spec.max_response
     if config == "reward":
-      self.cfg, self.params = _load_reward_params(spec)
+      self.cfg, params, self.loader = _load_reward(spec)
     else:
-      self.cfg, self.params = models.load_hf_checkpoint(os.path.join(spec.workdir, "policy"))
-    self.ref_params = None
-    if config in ("dpo_ref", "dpo_precomputed", "dpo_ref_packed"):
-      _, self.ref_params = models.load_hf_checkpoint(os.path.join(spec.workdir, "reference"))
-    self.tx = optax.chain(optax.clip_by_global_norm(spec.max_grad_norm),
-                          optax.adamw(spec.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
-                                      weight_decay=0.0))
-    self.opt_state = self.tx.init(self.params)
-    self.batches = [self._make_batch(s) for s in range(spec.total_steps)]
+      self.cfg, params, self.loader = _load_policy(os.path.join(spec.workdir, "policy"))
+    ref_params = None
+    if self.ref_mode in ("model", "precomputed"):
+      _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
+    params = jax.tree.map(jnp.asarray, params)
+    ref_params = None if ref_params is None else jax.tree.map(jnp.asarray, ref_params)
+    self.batches = self._make_batches()
+
+    impl = spec.prefjax_step
+    if impl == "auto":
+      try:
+        import prefjax.train  # noqa: F401
+        impl = "train"
+      except ImportError:
+        impl = "local"
+    if impl == "local" and self.layout != "padded":
+      raise RuntimeError(f"{config}: the benchmark-local step only does the padded layout")
+    self.step_impl = impl
     self.precompute_s = 0.0
-    if config == "dpo_precomputed":
+    if self.ref_mode == "precomputed":
       t0 = time.perf_counter()
-      fn = jax.jit(self._seq_logps_padded)
+      fn = jax.jit(self._ref_logps_fn())
       for b in self.batches:
-        rc, rr = fn(self.ref_params, b)
-        b["ref_chosen"], b["ref_rejected"] = np.asarray(rc), np.asarray(rr)
+        b["ref_logps"] = np.asarray(fn(ref_params, b))  # [B, 2]
       self.precompute_s = time.perf_counter() - t0
-      self.ref_params = None  # not resident during training
-    self.step_fn = jax.jit(self._step, donate_argnums=(0, 1))
-    self.step_kind = "benchmark-local jitted step"
+      ref_params = None  # not resident during training (as TRL without an explicit ref model)
+    if impl == "train":
+      self._build_library_step(params, ref_params)
+    else:
+      self._build_local_step(params, ref_params)
 
   # -- batches --
-  def _make_batch(self, s: int) -> dict[str, Any]:
+  def _make_batches(self) -> list[dict[str, Any]]:
     spec = self.spec
-    batch = self.examples[s * spec.batch_pairs:(s + 1) * spec.batch_pairs]
-    if self.config == "dpo_ref_packed":
-      # Rows as long as the longest padded pair (prompt + 2 * max_response).
-      return _pack_pairs(spec, batch, 2 * (spec.prompt_len + spec.max_response))
-    return _pad_pairs(spec, batch, self.length)
+    chunks = [self.examples[s * spec.batch_pairs:(s + 1) * spec.batch_pairs]
+              for s in range(spec.total_steps)]
+    if self.layout == "padded":
+      return [_pad_pairs(spec, c, spec.prompt_len + spec.max_response) for c in chunks]
+    shared = self.layout == "prompt_shared"
+    row_len = 4 * (spec.prompt_len + spec.max_response)
+    rows = [_pack_rows(c, row_len, shared) for c in chunks]
+    num_rows = max(len(r) for r in rows)  # one fixed shape: one compilation
+    max_pairs = max(len(row) for r in rows for row in r)
+    return [_collate_packed(r, row_len, num_rows, max_pairs, shared) for r in rows]
 
-  # -- model pieces --
-  def _token_logps(self, params: Any, tokens, targets, positions, segment_ids):
+  # -- reference log-probs (precomputed mode) --
+  def _ref_logps_fn(self) -> Callable:
     import prefjax
-    m = prefjax.models
-    hidden = m.forward_hidden(self.cfg, params, tokens, segment_ids=segment_ids,
-                              positions=positions)
-    return prefjax.ops.token_logps_from_hidden(hidden, m.unembedding(self.cfg, params), targets,
-                                               logit_softcap=self.cfg.final_logit_softcap)
+    cfg = self.cfg
+    try:
+      from prefjax.train import tasks as T
 
+      def fn(params, batch):
+        rows, seq_ids, num_seq = T.flatten_rows(batch, self.layout)
+        _, sums, _ = T.sequence_logps(cfg, params, rows, seq_ids, num_seq, 128)
+        return sums.reshape(-1, 2)
+      return fn
+    except ImportError:
+      pass
+
+    def local(params, batch):
+      return self._seq_logps_padded(params, batch)
+    return local
+
+  # -- the library step --
+  def _build_library_step(self, params: Any, ref_params: Any) -> None:
+    import functools
+    import jax
+    import jax.numpy as jnp
+    from prefjax.train import make_task, train_step
+    from prefjax.train.optimizer import make_optimizer
+    from prefjax.train.state import TrainState
+
+    spec = self.spec
+    if self.config == "reward":
+      task = make_task("reward", model_cfg=self.cfg, layout="padded",
+                       loss_config=_AttrDict(name="bradley_terry"))
+    else:
+      loss = (_AttrDict(name="simpo", beta=spec.simpo_beta, simpo_gamma=spec.simpo_gamma)
+              if self.config == "simpo" else _AttrDict(name="dpo", beta=spec.beta))
+      task = make_task("preference", model_cfg=self.cfg, layout=self.layout, loss_config=loss,
+                       ref_mode=self.ref_mode)
+    optim = _AttrDict(learning_rate=spec.learning_rate, schedule="constant", warmup_steps=0,
+                      grad_clip=spec.max_grad_norm, weight_decay=0.0, b1=0.9, b2=0.999,
+                      eps=1e-8)
+    tx, schedule = make_optimizer(optim, spec.total_steps)
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params),
+                            ref_params=ref_params if self.ref_mode == "model" else None,
+                            rng=jax.random.PRNGKey(spec.seed))
+    fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
+                 donate_argnums=0)
+
+    def step(b):
+      self.state, metrics = fn(self.state, b)
+      return metrics["loss"]
+    self.step = step
+    self.step_kind = "prefjax.train.train_step (make_task + make_optimizer), jit, donated"
+
+  # -- the benchmark-local step --
   def _seq_logps_padded(self, params: Any, b: dict[str, Any]):
     import prefjax
+    m = prefjax.models
     bsz, _, l = b["tokens"].shape
     flat = {k: b[k].reshape(bsz * 2, l) for k in ("tokens", "targets", "positions",
                                                    "segment_ids", "loss_mask")}
-    tl = self._token_logps(params, flat["tokens"], flat["targets"], flat["positions"],
-                           flat["segment_ids"])
+    hidden = m.forward_hidden(self.cfg, params, flat["tokens"], segment_ids=flat["segment_ids"],
+                              positions=flat["positions"])
+    tl = prefjax.ops.token_logps_from_hidden(hidden, m.unembedding(self.cfg, params),
+                                             flat["targets"],
+                                             logit_softcap=self.cfg.final_logit_softcap)
     sums, _ = prefjax.ops.sequence_logps(tl, flat["loss_mask"])
-    sums = sums.reshape(bsz, 2)
-    return sums[:, 0], sums[:, 1]
+    return sums.reshape(bsz, 2)
 
-  def _seq_logps_packed(self, params: Any, b: dict[str, Any]):
-    import prefjax
-    s = b["pair_mask"].shape[1]
-    tl = self._token_logps(params, b["tokens"], b["targets"], b["positions"], b["segment_ids"])
-    sums, _ = prefjax.ops.segment_logps(tl, b["loss_mask"], b["segment_ids"], 2 * s)
-    sums = sums.reshape(sums.shape[0], s, 2)
-    return sums[..., 0], sums[..., 1]
-
-  def _loss(self, params: Any, ref_params: Any, b: dict[str, Any]):
+  def _local_loss(self, params: Any, ref_params: Any, b: dict[str, Any]):
+    import jax
     import jax.numpy as jnp
     import prefjax
     L = prefjax.losses
@@ -524,75 +682,61 @@ class _PrefjaxWorker:
       hidden = prefjax.models.forward_hidden(self.cfg, params, flat["tokens"],
                                              segment_ids=flat["segment_ids"],
                                              positions=flat["positions"])
-      scores = prefjax.models.reward_scores(self.cfg, params, hidden)[..., 0]  # [2B, L]
       last = jnp.sum(flat["segment_ids"] > 0, axis=-1) - 1
-      s = jnp.take_along_axis(scores, last[:, None], axis=-1)[:, 0].reshape(bsz, 2)
+      h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+      s = prefjax.models.reward_scores(self.cfg, params, h)[:, 0, 0].reshape(bsz, 2)
       return jnp.mean(L.bradley_terry(s[:, 0], s[:, 1]))
-    if self.config == "dpo_ref_packed":
-      c, r = self._seq_logps_packed(params, b)
-      rc, rr = self._seq_logps_packed(jax_stop(ref_params), b)
-      mask = b["pair_mask"]
-      out = L.get("dpo")(L.PairedLogps(c, r, rc, rr), beta=self.spec.beta)
-      return jnp.sum(out.loss * mask) / jnp.sum(mask)
-    c, r = self._seq_logps_padded(params, b)
+    lp = self._seq_logps_padded(params, b)
     if self.config == "simpo":
       lens = b["loss_mask"].sum(-1)
-      out = L.get("simpo")(L.PairedLogps(c, r, chosen_lengths=lens[:, 0],
+      out = L.get("simpo")(L.PairedLogps(lp[:, 0], lp[:, 1], chosen_lengths=lens[:, 0],
                                          rejected_lengths=lens[:, 1]),
-                           beta=self.spec.simpo_beta, gamma=self.spec.simpo_gamma)
+                           beta=self.spec.simpo_beta, simpo_gamma=self.spec.simpo_gamma)
       return jnp.mean(out.loss)
-    if self.config == "dpo_precomputed":
-      rc, rr = b["ref_chosen"], b["ref_rejected"]
+    if self.ref_mode == "precomputed":
+      ref = b["ref_logps"]
     else:
-      rc, rr = self._seq_logps_padded(jax_stop(ref_params), b)
-    out = L.get("dpo")(L.PairedLogps(c, r, rc, rr), beta=self.spec.beta)
+      ref = jax.lax.stop_gradient(self._seq_logps_padded(ref_params, b))
+    out = L.get("dpo")(L.PairedLogps(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1]),
+                       beta=self.spec.beta)
     return jnp.mean(out.loss)
 
-  def _step(self, params, opt_state, ref_params, b):
+  def _build_local_step(self, params: Any, ref_params: Any) -> None:
+    import jax
     import optax
-    loss, grads = self.jax.value_and_grad(self._loss)(params, ref_params, b)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    spec = self.spec
+    tx = optax.chain(optax.clip_by_global_norm(spec.max_grad_norm),
+                     optax.adamw(spec.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=0.0))
+    self.local = (params, tx.init(params), ref_params)
+
+    def step_fn(params, opt_state, ref_params, b):
+      loss, grads = jax.value_and_grad(self._local_loss)(params, ref_params, b)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+    fn = jax.jit(step_fn, donate_argnums=(0, 1))
+
+    def step(b):
+      p, o, r = self.local
+      p, o, loss = fn(p, o, r, b)
+      self.local = (p, o, r)
+      return loss
+    self.step = step
+    self.step_kind = "benchmark-local jitted step (forward_hidden + ops + losses + optax)"
 
   def run(self, chan: _Channel, t_setup: float) -> None:
     import jax
     chan.send(event="ready", setup_s=time.perf_counter() - t_setup,
-              precompute_s=self.precompute_s, step_kind=self.step_kind,
+              precompute_s=self.precompute_s, step_kind=self.step_kind, loader=self.loader,
+              layout=self.layout, batch_shape=list(self.batches[0]["tokens"].shape),
               versions={"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count()})
     for b in self.batches:
       chan.wait_go()
       t0 = time.perf_counter()
-      self.params, self.opt_state, loss = self.step_fn(self.params, self.opt_state,
-                                                       self.ref_params, b)
-      loss = float(loss)  # blocks until the step is done
+      loss = float(self.step(b))  # blocks until the step is done
       chan.send(event="step", time=time.perf_counter() - t0, loss=loss)
     chan.send(event="done", vm_hwm=_vm_hwm_bytes())
-
-
-def jax_stop(tree: Any) -> Any:
-  """`lax.stop_gradient` over a pytree (the reference model is frozen)."""
-  import jax
-  return jax.tree.map(jax.lax.stop_gradient, tree)
-
-
-def _load_reward_params(spec: Spec):
-  """prefjax reward model = the HF policy trunk + the HF score head (`score.weight` [1, D])."""
-  import numpy as np
-  import prefjax
-  from safetensors.numpy import load_file
-
-  cfg, params = prefjax.models.load_hf_checkpoint(os.path.join(spec.workdir, "policy"))
-  cfg = cfg.replace(num_reward_heads=1)
-  rm_dir = os.path.join(spec.workdir, "reward")
-  tensors = {}
-  for name in os.listdir(rm_dir):
-    if name.endswith(".safetensors"):
-      tensors.update(load_file(os.path.join(rm_dir, name)))
-  w = tensors["score.weight"].astype(np.float32)  # [1, D], no bias
-  params = dict(params)
-  params["reward_head"] = {"w": w.T.copy(), "b": np.zeros((1,), np.float32)}
-  return cfg, params
 
 
 def _run_prefjax_worker(spec: Spec, config: str, chan: _Channel) -> None:
@@ -729,7 +873,7 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
   times = [steps[i]["time"] for i in measured]
   tps = [counts[i]["real_tokens"] / steps[i]["time"] for i in measured]
   reward = config == "reward"
-  live_ref = config in ("dpo_ref", "dpo_ref_packed")
+  live_ref = config in ("dpo_ref", "dpo_ref_packed", "dpo_ref_shared")
   flops = [model_flops(spec, counts[i], train_passes=1, ref_passes=1 if live_ref else 0,
                        lm_head=not reward) for i in measured]
   out.update({
@@ -744,7 +888,8 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
       "peak_rss_gib": (raw.get("done") or {}).get("vm_hwm", float("nan")) / 2 ** 30,
       "setup_s": raw.get("ready", {}).get("setup_s"),
   })
-  for k in ("precompute_s", "step_kind", "versions", "attn_implementation"):
+  for k in ("precompute_s", "step_kind", "versions", "attn_implementation", "loader", "layout",
+            "batch_shape"):
     if k in raw.get("ready", {}):
       out[k] = raw["ready"][k]
   if steps and "logps_chosen_mean" in steps[0]:
@@ -804,8 +949,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   sides: dict[str, dict[str, Any]] = {}
   for group in args.groups:
     members = [m for m in GROUPS[group] if m[0] in args.sides]
-    if group == "dpo_precomputed" and args.no_extras:
-      members = members[:2]
+    if args.no_extras:
+      members = [m for m in members if m[1] not in EXTRAS]
     _log(f"group {group}: {[f'{s}:{c}' for s, c in members]}")
     raw = run_group(spec, members, args.step_timeout, args.verbose)
     for name, r in raw.items():
