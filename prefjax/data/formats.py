@@ -144,13 +144,20 @@ def conversational(rec: dict) -> Example:
   return Example("pairs", tuple(prompt), tuple(responses), margin=_margin(rec))
 
 
+def _common_prefix_len(a: str, b: str) -> int:
+  lo, hi = 0, min(len(a), len(b))  # bisection over C-speed slice comparisons
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if a[:mid] == b[:mid]:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
 def hh(rec: dict) -> Example:
   chosen, rejected = _get(rec, "chosen", str), _get(rec, "rejected", str)
-  n = 0
-  limit = min(len(chosen), len(rejected))
-  while n < limit and chosen[n] == rejected[n]:
-    n += 1
-  cut = chosen.rfind(ASSISTANT, 0, n)
+  cut = chosen.rfind(ASSISTANT, 0, _common_prefix_len(chosen, rejected))
   if cut < 0:
     field = "chosen" if ASSISTANT not in chosen else "rejected"
     raise BadRecord("missing_field", "no shared '\\n\\nHuman: ... \\n\\nAssistant:' prompt", field)

@@ -91,8 +91,9 @@ def collate_unpaired(elements: Sequence[dict | None], *, batch: int, length: int
 
 
 def collate_rankings(elements: Sequence[dict | None], *, batch: int, length: int,
-                     num_responses: int, pad_id: int = 0, eval_mask: bool = False) -> dict:
-  """K-wise: [B, K, L] + `scores` [B, K] + `response_mask` [B, K]."""
+                     num_responses: int, has_margin: bool = False, pad_id: int = 0,
+                     eval_mask: bool = False) -> dict:
+  """K-wise: [B, K, L] + `scores` [B, K] + `response_mask` [B, K] (+ `margin` [B])."""
   elements = _real(elements)
   out = _empty((batch, num_responses, length))
   out["scores"] = np.zeros((batch, num_responses), np.float32)
@@ -104,6 +105,9 @@ def collate_rankings(elements: Sequence[dict | None], *, batch: int, length: int
       _put(out, (b, k), e["prompt"], r, pad_id)
       out["scores"][b, k] = e["scores"][k]
       out["response_mask"][b, k] = 1.0
+  if has_margin:
+    out["margin"] = np.asarray([(e or {}).get("margin") or 0.0 for e in elements]
+                               + [0.0] * (batch - len(elements)), np.float32)
   if eval_mask:
     out["example_mask"] = _example_mask(elements, batch)
   return out

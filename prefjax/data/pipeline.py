@@ -176,7 +176,7 @@ def _apply_layout(ds: grain.IterDataset, s: Settings, batch: int, has_margin: bo
       "sft": functools.partial(layouts.collate_sft, **common),
       "unpaired": functools.partial(layouts.collate_unpaired, **common),
       "rankings": functools.partial(layouts.collate_rankings, num_responses=s.max_responses,
-                                    **common),
+                                    has_margin=has_margin, **common),
   }[s.kind]
   return ds.batch(batch, drop_remainder=train, batch_fn=fn)
 

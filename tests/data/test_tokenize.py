@@ -110,3 +110,20 @@ def test_identical_after_truncation_dropped_and_counted(tmp_path, tok):
   batches = list(pipe)
   assert len(batches) == 1
   assert pipe.dropped.counts["identical_after_truncation"] == 1
+
+
+def test_gemma3_control_ids(shared_dir):
+  tok3 = data.load_tokenizer(str(shared_dir / "tokenizers" / "gemma3" / "tokenizer.model"))
+  tpl = templates.get_template("gemma")
+  ids = tok3.encode_prompt(templates.render_prompt(tpl, (("user", "Hi"),)), tpl.specials)
+  assert ids[:2] == [2, 105] and ids.count(105) == 2 and ids.count(106) == 1
+
+
+def test_tokenizer_pickles_and_names(tok):
+  import pickle  # pylint: disable=g-import-not-at-top
+  again = pickle.loads(pickle.dumps(tok))
+  assert again.encode("hello world") == tok.encode("hello world")
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, 32000)
+  assert tok.family == "llama"
+  with pytest.raises(FileNotFoundError):
+    data.load_tokenizer("/nonexistent/tokenizer.model")
