@@ -63,9 +63,9 @@ _HH = os.path.join(_REPO, "prefjax", "assets", "data", "hh_rlhf_helpful_base", "
 GROUPS: dict[str, list[tuple[str, str]]] = {
     "dpo_ref": [("trl", "dpo_ref"), ("prefjax", "dpo_ref"), ("prefjax", "dpo_ref_packed"),
                 ("prefjax", "dpo_ref_shared")],
+    "reward": [("trl", "reward"), ("prefjax", "reward")],
     "dpo_precomputed": [("trl", "dpo_precomputed"), ("prefjax", "dpo_precomputed"),
                         ("prefjax", "simpo")],
-    "reward": [("trl", "reward"), ("prefjax", "reward")],
 }
 DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed", "dpo_ref_shared")
 EXTRAS = ("simpo", "dpo_ref_packed", "dpo_ref_shared")
@@ -652,6 +652,7 @@ class _PrefjaxWorker:
 
     def step(b):
       self.state, metrics = fn(self.state, b)
+      self.last_metrics = metrics
       return metrics["loss"]
     self.step = step
     self.step_kind = "prefjax.train.train_step (make_task + make_optimizer), jit, donated"
@@ -735,7 +736,13 @@ class _PrefjaxWorker:
       chan.wait_go()
       t0 = time.perf_counter()
       loss = float(self.step(b))  # blocks until the step is done
-      chan.send(event="step", time=time.perf_counter() - t0, loss=loss)
+      dt = time.perf_counter() - t0
+      msg = {"event": "step", "time": dt, "loss": loss}
+      m = getattr(self, "last_metrics", None) or {}
+      if "logps/chosen" in m:
+        msg["logps_chosen_mean"] = float(m["logps/chosen"])
+        msg["logps_rejected_mean"] = float(m["logps/rejected"])
+      chan.send(**msg)
     chan.send(event="done", vm_hwm=_vm_hwm_bytes())
 
 
@@ -834,6 +841,26 @@ def run_group(spec: Spec, members: list[tuple[str, str]], timeout: float,
       results[proc.name] = {"error": proc.error[-2000:]}
       _log(f"{proc.name} failed to start: {proc.error[-800:]}")
       proc.close()
+  try:
+    _step_round_robin(spec, procs)
+  finally:
+    for proc in procs:
+      if proc.p.poll() is None and proc.error:
+        proc.p.kill()
+  for proc in procs:
+    if not proc.error:
+      try:
+        proc.done = proc.recv()
+      except Exception as e:  # noqa: BLE001
+        proc.error = str(e)
+    proc.close()
+    results[proc.name] = {"ready": proc.ready, "steps": proc.steps, "done": proc.done,
+                          **({"error": proc.error[-2000:]} if proc.error else {})}
+  return results
+
+
+def _step_round_robin(spec: Spec, procs: list[_Proc]) -> None:
+  """Steps every worker once per round; round s starts at worker s mod n (rotating order)."""
   for s in range(spec.total_steps):
     k = s % max(1, len(procs))
     for proc in procs[k:] + procs[:k]:
@@ -846,16 +873,6 @@ def run_group(spec: Spec, members: list[tuple[str, str]], timeout: float,
       except Exception as e:  # noqa: BLE001
         proc.error = str(e)
         _log(f"{proc.name} failed at step {s}: {proc.error[-800:]}")
-  for proc in procs:
-    if not proc.error:
-      try:
-        proc.done = proc.recv()
-      except Exception as e:  # noqa: BLE001
-        proc.error = str(e)
-    proc.close()
-    results[proc.name] = {"ready": proc.ready, "steps": proc.steps, "done": proc.done,
-                          **({"error": proc.error[-2000:]} if proc.error else {})}
-  return results
 
 
 def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str, int]],
@@ -935,6 +952,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     own_tmp = tempfile.TemporaryDirectory(prefix="compare_trl_")
     spec.workdir = own_tmp.name
   t_start = time.time()
+  load_start = os.getloadavg()
   peak = args.peak_flops or measure_peak(args.tiny)
   _log(f"peak float32 matmul: {peak / 1e9:.1f} GFLOP/s")
   examples = make_examples(spec)
@@ -955,7 +973,17 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     raw = run_group(spec, members, args.step_timeout, args.verbose)
     for name, r in raw.items():
       sides[name] = summarize(spec, name, r, counts, peak)
+    if args.out:  # partial results after every group, in case a later group is cut short
+      with open(args.out + ".partial", "w") as f:
+        json.dump({"peak_flops_f32": peak, "sides": sides}, f, default=float)
 
+  if not args.peak_flops:  # contention only lowers a peak: keep the best of start and end
+    peak_end = measure_peak(args.tiny)
+    if peak_end > peak:
+      for s in sides.values():
+        if "mfu_vs_peak_f32" in s:
+          s["mfu_vs_peak_f32"] *= peak / peak_end
+      peak = peak_end
   trl_ref, pj_ref = sides.get("trl:dpo_ref"), sides.get("prefjax:dpo_ref")
   trl_dpo = {k: v for k, v in sides.items() if k.startswith("trl:dpo") and "error" not in v}
   pj_dpo = {k: v for k, v in sides.items()
@@ -971,6 +999,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if a and b and a.get("first_loss") is not None and b.get("first_loss") is not None:
       loss_pairs[cfg] = {"prefjax": a["first_loss"], "trl": b["first_loss"],
                          "rel_diff": _rel(a["first_loss"], b["first_loss"])}
+      for k in ("first_logps_chosen_mean", "first_logps_rejected_mean"):
+        if k in a and k in b:
+          loss_pairs[cfg][k.replace("first_", "") + "_rel_diff"] = _rel(a[k], b[k])
   rel_diffs = [v["rel_diff"] for v in loss_pairs.values()]
   result = {
       "speedup_equal_work": _ratio(pj_ref, trl_ref, "real_tokens_per_s"),
@@ -993,6 +1024,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
       "real_tokens_per_step": [c["real_tokens"] for c in counts],
       "sides": sides,
       "wall_s": time.time() - t_start,
+      "loadavg_start": load_start,
+      "loadavg_end": os.getloadavg(),
+      "cpu_count": os.cpu_count(),
       "note": "A/B interleaved in one invocation on a shared machine: compare ratios, not "
               "absolute times.",
   }
