@@ -170,31 +170,27 @@ class Transformer(nn.Module):
     """Creates the output heads' params (they are applied functionally, see api.py)."""
     c = self.cfg
     std = c.embed_dim ** -0.5
+    pd = c.jnp_param_dtype
     if c.has_lm_head:
-      self._head("lm_head", "w", lp(normal_init(std), ("vocab", "embed")),
-                 (c.vocab_size, c.embed_dim))
+      _Params((("w", lp(normal_init(std), ("vocab", "embed")), (c.vocab_size, c.embed_dim)),),
+              pd, name="lm_head")()
     if c.num_reward_heads:
-      self._head("reward_head", "w", lp(normal_init(std), ("embed", "reward_heads")),
-                 (c.embed_dim, c.num_reward_heads))
-      self._head("reward_head", "b", lp(nn.initializers.zeros_init(), ("reward_heads",)),
-                 (c.num_reward_heads,))
-
-  def _head(self, scope: str, name: str, init: Any, shape: tuple[int, ...]) -> None:
-    _Param(name=scope, pname=name, init_fn=init, shape=shape,
-           param_dtype=self.cfg.jnp_param_dtype)()
+      r = c.num_reward_heads
+      _Params((("w", lp(normal_init(std), ("embed", "reward_heads")), (c.embed_dim, r)),
+               ("b", lp(nn.initializers.zeros_init(), ("reward_heads",)), (r,))),
+              pd, name="reward_head")()
 
 
-class _Param(nn.Module):
-  """Holds one parameter `pname` (used to create `lm_head/w`, `reward_head/{w,b}`)."""
+class _Params(nn.Module):
+  """Holds loose parameters `(name, init, shape)` (`lm_head/w`, `reward_head/{w,b}`)."""
 
-  pname: str = "w"
-  init_fn: Any = None
-  shape: tuple[int, ...] = ()
+  specs: tuple[tuple[str, Any, tuple[int, ...]], ...] = ()
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self) -> jax.Array:
-    return self.param(self.pname, self.init_fn, self.shape, self.param_dtype)
+  def __call__(self) -> None:
+    for name, init, shape in self.specs:
+      self.param(name, init, shape, self.param_dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
