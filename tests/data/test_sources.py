@@ -57,3 +57,16 @@ def test_pipeline_over_a_glob_of_mixed_files(tmp_path, tok):
   cfg = config(str(tmp_path / "*"), batch_size=8, shuffle=False, num_epochs=1)
   pipe = data.make_pipeline(cfg, tok)
   assert pipe.info.num_items == 8 and len(list(pipe)) == 1
+
+
+def test_tfds_spec_without_tensorflow_datasets(tok):
+  try:
+    import tensorflow_datasets  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pass
+  else:
+    import pytest  # pylint: disable=g-import-not-at-top
+    pytest.skip("tensorflow_datasets is installed")
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(data.DataError, match="tensorflow_datasets is not installed"):
+    data.make_pipeline(config("tfds:hh_rlhf:train"), tok)
