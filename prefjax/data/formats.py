@@ -119,9 +119,14 @@ def parse_hh_transcript(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def explicit(rec: dict) -> Example:
-  prompt = _prompt_messages(rec)
+  prompt, prompt_text = _prompt_messages(rec), None
+  raw = rec["prompt"]
+  if isinstance(raw, str) and raw.startswith(HUMAN) and raw.rstrip().endswith(ASSISTANT.strip()):
+    # A prompt that is already an HH transcript (e.g. TRL's HH datasets): keep it verbatim.
+    prompt_text = raw.rstrip()
+    prompt = parse_hh_transcript(prompt_text)[:-1]
   return Example("pairs", prompt, (_response(rec, "chosen"), _response(rec, "rejected")),
-                 margin=_margin(rec))
+                 margin=_margin(rec), prompt_text=prompt_text)
 
 
 def conversational(rec: dict) -> Example:

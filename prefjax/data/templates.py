@@ -59,7 +59,7 @@ def _none_prompt(turns: Turns) -> str:
 
 
 TEMPLATES: dict[str, Template] = {
-    "hh": Template("hh", _hh_prompt, lambda r: " " + r),
+    "hh": Template("hh", _hh_prompt, lambda r: r if r.startswith(" ") else " " + r),
     "gemma": Template("gemma", _gemma_prompt, lambda r: r + "<end_of_turn>\n",
                       ("<start_of_turn>", "<end_of_turn>")),
     "llama3": Template("llama3", _llama3_prompt, lambda r: r + "<|eot_id|>",

@@ -117,3 +117,12 @@ def test_real_hh_files_error_policy_names_empty_response(shared_dir):
   assert index.num_records == 2354
   # 4 empty final turns; line 568 (chosen has extra turns) is kept via the common prefix.
   assert index.stats.counts == {"empty_response": 4, "identical": 2}
+
+
+def test_explicit_prompt_that_is_an_hh_transcript():
+  ex = formats.parse({"prompt": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:",
+                      "chosen": " yes", "rejected": " no"})
+  assert ex.prompt == (("user", "a"), ("assistant", "b"), ("user", "c"))
+  assert ex.prompt_text.endswith("c\n\nAssistant:")
+  plain = formats.parse({"prompt": "How are you?", "chosen": "a", "rejected": "b"})
+  assert plain.prompt_text is None and plain.prompt == (("user", "How are you?"),)
