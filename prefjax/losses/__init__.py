@@ -29,7 +29,7 @@ from prefjax.losses.reference_free import cpo, orpo, rrhf, simpo, slic
 from prefjax.losses.reward import (
     bradley_terry, combine_heads, combine_transformed_rewards, kwise_ranking,
     log_sigmoid_transform, multi_head_bradley_terry, reward_centering, reward_model_loss)
-from prefjax.losses.token_level import ld_dpo, ld_paired, tdpo1, tdpo2, to_paired
+from prefjax.losses.token_level import ld_dpo, ld_paired, tdpo1, tdpo2, to_paired, wpo_weights
 from prefjax.losses.types import (
     LossOutput, PairedLogps, TokenLogps, UnpairedLogps, UnpairedLossOutput)
 from prefjax.losses.unpaired import BCOState, apo_zero_unpaired, bco, kto, kto_reference_point
@@ -118,7 +118,7 @@ __all__ = [
     "token_level_names", "get_token_level", "unpaired_names", "get_unpaired",
     "PairedLogps", "LossOutput", "TokenLogps", "UnpairedLogps", "UnpairedLossOutput",
     "BCOState", "F_DIVERGENCES", "f_divergence_scores", "paired_metrics", "unpaired_metrics",
-    "to_paired", "ld_paired", "kto_reference_point",
+    "to_paired", "ld_paired", "wpo_weights", "kto_reference_point",
     "bradley_terry", "reward_centering", "reward_model_loss", "kwise_ranking",
     "log_sigmoid_transform", "combine_transformed_rewards", "combine_heads",
     "multi_head_bradley_terry",

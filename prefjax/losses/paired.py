@@ -147,18 +147,19 @@ def hinge(logps: PairedLogps, *, beta: float = 0.1,
   return _out(lp, jax.nn.relu(1.0 - z), beta)
 
 
-def ipo(logps: PairedLogps, *, beta: float = 0.1,
+def ipo(logps: PairedLogps, *, beta: float = 0.1, length_normalize: bool = True,
         f_divergence_type: str = "reverse_kl",
         f_alpha_divergence_coef: float = 0.5) -> LossOutput:
   """IPO (Azar et al. 2023, Eq. 17), on length-normalised log-ratios as TRL.
 
-  loss = (Δ_w/|y_w| − Δ_l/|y_l| − 1/(2β))², β is the paper's τ. TRL (and the
-  IPO authors, per TRL) average the log-ratios per token; the paper writes
-  sequence log-ratios. For the un-normalised form pass lengths of 1.
-  Needs `chosen_lengths`, `rejected_lengths` (clamped at 1).
+  loss = (Δ_w/|y_w| − Δ_l/|y_l| − 1/(2β))², β is the paper's τ. TRL (and, per
+  TRL, the IPO authors' own experiments) average the log-ratios per token; the
+  paper writes sequence log-ratios: `length_normalize=False` gives that form,
+  (Δ − 1/(2β))². Needs `chosen_lengths`, `rejected_lengths` (clamped at 1)
+  when normalising.
   """
-  lp = _prepare(logps, "ipo", lengths=True)
-  d = _delta(lp, f_divergence_type, f_alpha_divergence_coef, normalise=True)
+  lp = _prepare(logps, "ipo", lengths=length_normalize)
+  d = _delta(lp, f_divergence_type, f_alpha_divergence_coef, normalise=length_normalize)
   return _out(lp, (d - 1.0 / (2.0 * beta)) ** 2, beta)
 
 

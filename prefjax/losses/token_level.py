@@ -106,3 +106,32 @@ def tdpo2(token_logps: TokenLogps, *, beta: float = 0.1, tdpo_alpha: float = 0.5
   as the authors' code). See `tdpo1` for u and D.
   """
   return _tdpo(token_logps, "tdpo2", beta, tdpo_alpha)
+
+
+def wpo_weights(token_logps: TokenLogps, chosen_log_sum_sq_probs: Array,
+                rejected_log_sum_sq_probs: Array) -> Array:
+  """WPO pair weights (Zhou et al. 2024, "Weighted Preference Optimization", Eq. 2), as TRL's `use_weighting`.
+
+  Each response is weighted by its length-normalised probability under the
+  current policy, aligned by the policy's own "sharpness":
+    w(y) = exp( (1/|y|) Σ_t [log π(y_t) − log Σ_v π(v)²] ),
+  and a pair by w(y_w)·w(y_l), under stop_gradient. Multiply any paired loss by
+  it: `out.loss * wpo_weights(...)` (not meaningful for `aot`, which sorts).
+
+  Args:
+    token_logps: `TokenLogps`; uses `chosen`, `rejected` and the masks.
+    chosen_log_sum_sq_probs: [B, L] log Σ_v π(v | x, y_<t)² along the chosen response.
+    rejected_log_sum_sq_probs: [B, L] the same along the rejected response.
+
+  Returns:
+    [B] weights.
+  """
+  tl = to_f32(token_logps)
+  cm, rm = _masks(tl)
+
+  def w(lp: Array, lss: Array, mask: Array) -> Array:
+    aligned = _msum(lp - jnp.asarray(lss, jnp.float32), mask)
+    return jnp.exp(aligned / jnp.maximum(jnp.sum(mask, -1), 1.0))
+
+  return jax.lax.stop_gradient(w(tl.chosen, chosen_log_sum_sq_probs, cm)
+                               * w(tl.rejected, rejected_log_sum_sq_probs, rm))

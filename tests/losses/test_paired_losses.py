@@ -49,12 +49,15 @@ def _f(x, kind="reverse_kl", a=0.5):
   return (1.0 - np.exp(-alpha_p * x)) / alpha_p
 
 
-def ref_dpo_family(name, d, beta=0.1, label_smoothing=None, f_divergence_type="reverse_kl",
+def ref_dpo_family(name, d, beta=0.1, label_smoothing=None, length_normalize=True,
+                   f_divergence_type="reverse_kl",
                    f_alpha_divergence_coef=0.5, discopop_tau=0.05, alpha=0.01, dpop_lambda=50.0):
   d = {k: v.astype(np.float64) for k, v in d.items()}
   dw, dl = d["chosen"] - d["ref_chosen"], d["rejected"] - d["ref_rejected"]
   fw, fl = _f(dw, f_divergence_type, f_alpha_divergence_coef), _f(dl, f_divergence_type, f_alpha_divergence_coef)
   nw, nl = np.maximum(d["chosen_lengths"], 1), np.maximum(d["rejected_lengths"], 1)
+  if not length_normalize:  # IPO as the paper writes it: sequence log-ratios
+    nw = nl = 1.0
   eps = label_smoothing if label_smoothing is not None else (1e-3 if name == "exo_pair" else 0.0)
   z = beta * (fw - fl)
   if name in ("sigmoid", "dpo"):
@@ -168,6 +171,7 @@ CASES = [
     ("sigmoid_norm", {}), ("sigmoid_norm", dict(f_divergence_type="js_divergence")),
     ("hinge", dict(beta=0.5)), ("hinge", dict(f_divergence_type="forward_kl")),
     ("ipo", {}), ("ipo", dict(beta=0.5, f_divergence_type="alpha_divergence")),
+    ("ipo", dict(length_normalize=False, beta=0.01)),
     ("exo_pair", {}), ("exo_pair", dict(label_smoothing=0.1, beta=0.3)),
     ("nca_pair", {}), ("robust", dict(label_smoothing=0.1)), ("robust", {}),
     ("bco_pair", {}), ("sppo_hard", {}), ("aot", {}), ("aot", dict(label_smoothing=0.1)),

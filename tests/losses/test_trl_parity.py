@@ -55,15 +55,17 @@ def _stub(**attrs):
 class _FakeCausalLM:
   """Returns fixed per-token log-probs (keyed by sequence width), like TRL's fused head."""
 
-  def __init__(self, by_width):
+  def __init__(self, by_width, log_sum_sq=None):
     self.by_width = by_width
+    self.log_sum_sq = log_sum_sq
 
   def __call__(self, input_ids, **unused):
     lp = self.by_width[input_ids.shape[1]]
     z = torch.zeros_like(lp)
+    lss = z if self.log_sum_sq is None else torch.tensor(self.log_sum_sq)
     return types.SimpleNamespace(log_probs=lp, entropy=z, mean_logits=z,
                                  is_top1=torch.zeros_like(lp, dtype=torch.bool),
-                                 log_sum_sq_probs=z)
+                                 log_sum_sq_probs=lss)
 
 
 def _token_inputs(seed):
@@ -86,7 +88,7 @@ def _token_logps(tok, ref_tok, shift):
 
 def trl_dpo(loss_type, tok, ref_tok, cmask, shift, *, beta=0.1, label_smoothing=0.0,
             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
-            ld_alpha=None):
+            ld_alpha=None, use_weighting=False, log_sum_sq=None):
   """TRL's DPO loss, its gradient wrt the per-token log-probs, and logged metrics."""
   lp = torch.tensor(tok, requires_grad=True)
   # TRL's ld_alpha path sums the reference tokens itself; give it precomputed
@@ -99,14 +101,14 @@ def trl_dpo(loss_type, tok, ref_tok, cmask, shift, *, beta=0.1, label_smoothing=
   stub = _stub(beta=beta, label_smoothing=label_smoothing, loss_types=[loss_type],
                loss_weights=[1.0], f_divergence_type=f_divergence_type,
                f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
-               use_weighting=False, precompute_ref_logps=True,
+               use_weighting=use_weighting, precompute_ref_logps=True,
                args=types.SimpleNamespace(discopop_tau=discopop_tau))
   inputs = {"input_ids": torch.zeros((2 * B, T), dtype=torch.long),
             "attention_mask": torch.ones((2 * B, T), dtype=torch.long),
             "completion_mask": torch.tensor(cmask, dtype=torch.long),
             "ref_chosen_logps": torch.tensor(ref_seq[:B]),
             "ref_rejected_logps": torch.tensor(ref_seq[B:])}
-  loss = DPOTrainer._compute_loss(stub, _FakeCausalLM({T: lp}), inputs, False)
+  loss = DPOTrainer._compute_loss(stub, _FakeCausalLM({T: lp}, log_sum_sq), inputs, False)
   loss.backward()
   metrics = {k: v[-1] for k, v in stub._metrics["train"].items()}
   return float(loss), lp.grad.numpy(), metrics
@@ -165,6 +167,23 @@ def test_dpo_matches_trl(i):
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected"):
     np.testing.assert_allclose(m[k], metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "bco_pair"])
+def test_wpo_weighting_matches_trl(name):
+  tok, ref_tok, cmask, shift = _token_inputs(seed=42)
+  lss = (np.random.default_rng(0).uniform(-2.0, -0.1, tok.shape) * shift).astype(np.float32)
+  want_loss, want_grad, _ = trl_dpo(name, tok, ref_tok, cmask, shift, use_weighting=True,
+                                    log_sum_sq=lss)
+
+  def ours(t):
+    tl = _token_logps(t, ref_tok, shift)
+    w = L.wpo_weights(tl, lss[:B], lss[B:])
+    return jnp.mean(L.get(name)(L.to_paired(tl)).loss * w)
+
+  loss, grad = jax.value_and_grad(ours)(jnp.asarray(tok))
+  np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(grad * shift, want_grad * shift, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------ CPO / ORPO
