@@ -45,10 +45,20 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
       p = epath.Path(s)
       if not p.exists():
         raise DataError("missing_path", "file does not exist", path=s)
-      if p.is_dir():
-        raise DataError("missing_path", "is a directory (give a file or a glob)", path=s)
-      out.append(s)
+      out.extend(_hf_dir_files(p) if p.is_dir() else [s])
   return out
+
+
+def _hf_dir_files(p: epath.Path) -> list[str]:
+  """The Arrow shards of a Hugging Face `Dataset.save_to_disk` folder, in order."""
+  if (p / "dataset_dict.json").exists():
+    raise DataError("missing_path", "a saved DatasetDict: give one split folder (e.g. DIR/train)",
+                    path=str(p))
+  if not (p / "state.json").exists():
+    raise DataError("missing_path", "is a directory (give a file, a glob or a Hugging Face "
+                    "save_to_disk folder)", path=str(p))
+  state = json.loads((p / "state.json").read_text())
+  return [str(p / f["filename"]) for f in state.get("_data_files", [])]
 
 
 def _decode_json(raw: bytes) -> dict:
@@ -142,16 +152,26 @@ class JsonArrayFile:
 
 
 class ParquetFile:
-  """Parquet through pyarrow; rows are read by index."""
+  """Parquet (or Arrow IPC: Hugging Face save_to_disk shards) through pyarrow; rows by index."""
 
   def __init__(self, path: str):
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     self.path = path
     try:
       with epath.Path(path).open("rb") as f:
-        self._table = pq.read_table(f)
+        if path.endswith(".arrow"):
+          raw = pa.BufferReader(f.read())
+          try:
+            self._table = pa.ipc.open_stream(raw).read_all()
+          except pa.ArrowInvalid:
+            raw.seek(0)
+            self._table = pa.ipc.open_file(raw).read_all()
+        else:
+          self._table = pq.read_table(f)
     except Exception as e:  # pyarrow raises several types for corrupt files.
-      raise DataError("corrupt_file", f"cannot read Parquet: {e}", path=path) from None
+      raise DataError("corrupt_file", f"cannot read {path.rsplit('.', 1)[-1]}: {e}",
+                      path=path) from None
 
   def __len__(self) -> int:
     return self._table.num_rows
@@ -212,7 +232,7 @@ def open_file(path: str):
   if path.startswith("tfds:"):
     return TfdsSource(path)
   name = path[:-3] if path.endswith(".gz") else path
-  if name.endswith(".parquet"):
+  if name.endswith((".parquet", ".arrow")):
     src = ParquetFile(path)
   elif name.endswith((".array_record", ".arrayrecord")) or ".array_record-" in name:
     src = ArrayRecordFile(path)

@@ -70,3 +70,19 @@ def test_tfds_spec_without_tensorflow_datasets(tok):
   import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(data.DataError, match="tensorflow_datasets is not installed"):
     data.make_pipeline(config("tfds:hh_rlhf:train"), tok)
+
+
+def test_hugging_face_save_to_disk_folder(tmp_path, tok):
+  import pytest  # pylint: disable=g-import-not-at-top
+  datasets = pytest.importorskip("datasets")
+  recs = pairs(6)
+  datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf"))
+  src = RecordSource(expand_paths(str(tmp_path / "hf")))
+  assert [src[i] for i in range(len(src))] == recs
+  datasets.DatasetDict({"train": datasets.Dataset.from_list(recs)}).save_to_disk(
+      str(tmp_path / "dd"))
+  with pytest.raises(data.DataError, match="DatasetDict"):
+    expand_paths(str(tmp_path / "dd"))
+  assert len(expand_paths(str(tmp_path / "dd" / "train"))) == 1
+  with pytest.raises(data.DataError, match="is a directory"):
+    expand_paths(str(tmp_path))
