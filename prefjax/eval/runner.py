@@ -347,3 +347,40 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
     from prefjax.eval import plots as plots_lib  # pylint: disable=import-outside-toplevel
     files.update(plots_lib.write_eval_plots(workdir, results))
   return {"results": results, "files": files}
+
+
+def evaluate_registered(score_fns: Mapping[str, ScorePairsFn], *, data_config: Any,
+                        workdir: Union[str, os.PathLike], batch_size: int,
+                        sets: Optional[Iterable[str]] = None, tokenizer: Any = None,
+                        shared_data_dir: Optional[Union[str, os.PathLike]] = None,
+                        process_index: int = 0, process_count: int = 1, **kwargs: Any
+                        ) -> dict[str, Any]:
+  """The `eval_reward` / `eval_implicit_reward` tasks after the model is loaded.
+
+  Reads the registered sets through `prefjax.data` with the run's data settings, scores
+  them with every scorer, and writes the report and plots into `workdir`.
+
+  Args:
+    score_fns: kind -> `score_pairs_fn` (`scoring.reward_score_fn`,
+      `scoring.implicit_score_fn`); two kinds give the side-by-side comparison.
+    data_config: the run's `config.data` (template, tokenizer, lengths, layout).
+    workdir: output directory.
+    batch_size: global eval batch (pairs for padded layouts, rows for packed ones).
+    sets: registered names (default: all of `EVAL_SETS`, ID then OOD).
+    tokenizer: `prefjax.data.Tokenizer` or name/path (default: `data_config.tokenizer`).
+    shared_data_dir: base dir of the files (default `default_shared_data_dir()`).
+    process_index, process_count: this host's shard. With several hosts each one scores
+      only its shard and the metrics here are per host; gather the scores first (e.g.
+      `jax.experimental.multihost_utils.process_allgather`) for global numbers.
+    **kwargs: `evaluate_and_report` options (ties, bootstrap, seed, plots, progress, meta).
+
+  Returns:
+    `evaluate_and_report`'s result.
+  """
+  names = list(sets) if sets is not None else list(registry.ID_SETS + registry.OOD_SETS)
+  make = pipeline_batches(data_config, tokenizer, process_index=process_index,
+                          process_count=process_count,
+                          cache_dir=pathlib.Path(workdir) / "eval_cache")
+  sources = registry_sources(names, make, shared_data_dir=shared_data_dir)
+  return evaluate_and_report(score_fns, sources, workdir=workdir, batch_size=batch_size,
+                             tags=registry.tags_for(names), **kwargs)

@@ -1,4 +1,6 @@
 """Every registered eval set loads through prefjax.data with the documented pair count."""
+import json
+
 import pytest
 
 from prefjax.eval import registry, runner
@@ -54,3 +56,24 @@ def test_pipeline_end_to_end(shared_dir, tmp_path):
     s = r.scores  # the score is the length, so lengths and scores agree exactly
     assert (s.chosen == s.chosen_lengths).all() and (s.rejected == s.rejected_lengths).all()
     assert 0 < r.metrics["accuracy"] < 1
+
+
+def test_evaluate_registered_writes_report(shared_dir, tmp_path):
+  cfg = data.default_data_config()
+  cfg.max_len, cfg.max_prompt_len, cfg.max_response_len = 96, 48, 48
+  shorter_wins = lambda b: (-b["loss_mask"][:, 0].sum(-1), -b["loss_mask"][:, 1].sum(-1))
+  longer_wins = lambda b: (b["loss_mask"][:, 0].sum(-1), b["loss_mask"][:, 1].sum(-1))
+  out = runner.evaluate_registered(
+      {"shorter": shorter_wins, "longer": longer_wins}, data_config=cfg, workdir=tmp_path,
+      batch_size=64, sets=["hh_helpful_online", "llmbar_natural"],
+      shared_data_dir=shared_dir / "data", bootstrap=0, plots=False, progress=False)
+  res = json.loads(out["files"]["json"].read_text())
+  assert res["tags"] == {"hh_helpful_online": "id", "llmbar_natural": "ood"}
+  sets = res["models"]["longer"]["sets"]
+  hh = sets["hh_helpful_online"]
+  assert hh["data_dropped"]["identical"] == 2 and hh["data_dropped"]["empty_response"] == 3
+  assert hh["n_pairs"] + sum(hh["data_dropped"].values()) == 1137  # every record accounted for
+  assert sets["llmbar_natural"]["n_pairs"] == 100
+  for name, m in sets.items():  # ties (equal lengths) count 0.5 for both scorers
+    other = res["models"]["shorter"]["sets"][name]
+    assert m["accuracy"] + other["accuracy"] == pytest.approx(1.0)
