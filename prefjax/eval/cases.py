@@ -117,3 +117,47 @@ def case_study_markdown(records_a: Iterable[Record], records_b: Iterable[Record]
                  f"| {r['score_a']:.3f} | {_cell(r['response_b'], max_chars)} | {r['score_b']:.3f} "
                  f"| {r['delta']:+.3f} |")
   return "\n".join(lines) + "\n"
+
+
+def write_generation_report(outdir: Union[str, os.PathLike],
+                            records_by_policy: Mapping[str, Sequence[Record]], *,
+                            top_k: int = 10, max_chars: int = 300, plot: bool = True,
+                            basename: str = "generation_eval") -> dict[str, pathlib.Path]:
+  """For the `generate` task: summary JSON, case-study Markdown and a score histogram.
+
+  Args:
+    outdir: output directory (created).
+    records_by_policy: policy name -> its scored generations (`load_generations`), e.g.
+      {"base": ..., "dpo": ...}. The case study compares the first policy with each other.
+    top_k, max_chars: of the case-study tables.
+    plot: also write `<basename>_scores.png` (`plots.plot_generation_scores`).
+    basename: file name stem.
+
+  Returns:
+    {"json": path, "markdown": path[, "plot": path]}.
+  """
+  out = pathlib.Path(outdir)
+  out.mkdir(parents=True, exist_ok=True)
+  names = list(records_by_policy)
+  summary = generation_summary(records_by_policy)
+  paths = {"json": out / f"{basename}.json", "markdown": out / f"{basename}.md"}
+  from prefjax.eval.report import json_safe  # pylint: disable=import-outside-toplevel
+  paths["json"].write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n",
+                           encoding="utf-8")
+  lines = ["# Generation scores", "", "| policy | n | mean | std |", "|---|---:|---:|---:|"]
+  for name, st in summary["policies"].items():
+    lines.append(f"| {name} | {st['n']} | {st['mean']:.3f} | {st['std']:.3f} |")
+  lines.append("")
+  for other in names[1:]:
+    win = summary["win_rate"].get(f"{other}_vs_{names[0]}")
+    if win is not None:
+      lines += [f"Win rate of {other} over {names[0]} (shared prompts, ties 0.5): {win:.3f}", ""]
+    lines.append(case_study_markdown(records_by_policy[names[0]], records_by_policy[other],
+                                     names=(names[0], other), top_k=top_k, max_chars=max_chars))
+  paths["markdown"].write_text("\n".join(lines), encoding="utf-8")
+  if plot:
+    from prefjax.eval import plots  # pylint: disable=import-outside-toplevel
+    paths["plot"] = plots.plot_generation_scores(
+        {k: [float(r["score"]) for r in v] for k, v in records_by_policy.items()},
+        out / f"{basename}_scores.png")
+  return paths

@@ -33,12 +33,12 @@ ByKind = Mapping[str, Mapping[str, Mapping[str, Any]]]
 _COLUMNS = ("set", "tag", "n", "accuracy", "95% CI", "mean", "std", "margin", "longer preferred")
 
 
-def _clean(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
   """JSON-safe copy: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
   if isinstance(x, Mapping):
-    return {str(k): _clean(v) for k, v in x.items()}
+    return {str(k): json_safe(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
+    return [json_safe(v) for v in x]
   if hasattr(x, "item") and not isinstance(x, (str, bytes)):
     x = x.item()
   if isinstance(x, float) and not math.isfinite(x):
@@ -85,7 +85,7 @@ def results_json(by_kind: ByKind, *, tags: Mapping[str, str],
         "id_mean_delta": summaries[b]["id_mean"] - summaries[a]["id_mean"],
         "ood_mean_delta": summaries[b]["ood_mean"] - summaries[a]["ood_mean"],
     }
-  return _clean(out)
+  return json_safe(out)
 
 
 def _set_row(name: str, m: Mapping[str, Any], tag: Optional[str]) -> list[str]:

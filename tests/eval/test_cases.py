@@ -38,3 +38,12 @@ def test_summary_and_loading(tmp_path):
   path.write_text('{"prompt": "p", "response": "r"}\n')
   with pytest.raises(ValueError, match=r"g.jsonl:1: missing field 'score'"):
     cases.load_generations(path)
+
+
+def test_write_generation_report(tmp_path):
+  paths = cases.write_generation_report(tmp_path, {"base": A, "dpo": B}, plot=False)
+  data = json.loads(paths["json"].read_text())
+  assert data["win_rate"]["dpo_vs_base"] == pytest.approx(2 / 3)
+  md = paths["markdown"].read_text()
+  assert "| base | 5 | 3.200 |" in md and "Win rate of dpo over base" in md
+  assert "| 1 | p2 |" in md
