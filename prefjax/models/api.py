@@ -19,6 +19,12 @@ from prefjax.models.transformer import Transformer, attention_mask, positions_fr
 Params = dict[str, Any]
 
 
+def _init_compiler_options() -> dict[str, Any] | None:
+  """Init is compiled once and is dominated by per-parameter RNG code; on CPU, skipping LLVM's
+  optimisation passes cuts its compile time 3-4x (values are the same for every mesh)."""
+  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+
+
 def _as_key(rng: Any) -> jax.Array:
   return jax.random.key(rng) if isinstance(rng, int) else rng
 
@@ -56,12 +62,13 @@ def init_params(cfg: ModelConfig, rng: Any, *, mesh: Mesh | None = None,
   """
   rng = _as_key(rng)
   init = lambda r: nn.meta.unbox(_boxed_init(cfg, r))  # noqa: E731
+  opts = _init_compiler_options()
   if mesh is None:
-    return jax.jit(init)(rng)
+    return jax.jit(init, compiler_options=opts)(rng)
   rules = rules or sharding.LOGICAL_AXIS_RULES
   shardings = param_shardings(cfg, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    return jax.jit(init, out_shardings=shardings)(rng)
+    return jax.jit(init, out_shardings=shardings, compiler_options=opts)(rng)
 
 
 def _inputs(tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None,
