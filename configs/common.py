@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
+  c.train.debug_signal_at_step = 0  # testing: send debug_signal to this process after step N (0 off)
+  c.train.debug_signal = "SIGKILL"  # testing: SIGKILL (crash) or SIGTERM (preemption)
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 500  # save every N steps (and at the end / on SIGTERM)
@@ -142,6 +144,7 @@ def runlocal(c: ml_collections.ConfigDict, *, total_steps: int = 2) -> ml_collec
   c.data.tokenizer = "mistral_v1"
   c.data.chat_template = "hh"
   c.data.on_bad_record = "skip"
+  c.data.split_fraction = 0.8
   c.data.batch_size = 8
   c.data.max_len = 64
   c.data.max_prompt_len = 32
@@ -154,3 +157,27 @@ def runlocal(c: ml_collections.ConfigDict, *, total_steps: int = 2) -> ml_collec
   c.eval.every_steps = total_steps
   c.eval.num_batches = 1
   return c
+
+
+def gemma_tpu(c: ml_collections.ConfigDict, preset: str, *, remat: str) -> None:
+  """TPU defaults for a Gemma preset: bf16 compute, f32 master weights, FSDP, 256k tokenizer."""
+  c.model.preset = preset
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = remat
+  c.model.scan_layers = False
+  c.data.tokenizer = "gemma"
+  c.data.chat_template = "gemma"
+  c.data.max_len = 1024
+  c.data.max_prompt_len = 512
+  c.data.max_response_len = 512
+  c.data.split_fraction = None
+  c.data.eval = None
+  c.optim.schedule = "cosine"
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.ckpt.every_steps = 500
+  c.log.every_steps = 10
+  c.eval.every_steps = 500
+  c.eval.num_batches = 0

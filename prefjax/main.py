@@ -88,14 +88,18 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
 
 
-def run() -> None:
-  """Entry point; reports flag errors (e.g. an unknown --config key) without a traceback."""
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Flag parsing that reports errors (e.g. an unknown --config key) in one line."""
   try:
-    flags.FLAGS(sys.argv)
+    return flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  app.run(main, argv=sys.argv)
+
+
+def run() -> None:
+  """Entry point (`python -m prefjax.main`)."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -158,18 +158,29 @@ class Trainer:
     return state_lib.create_state(params, self.tx, self.state_sh, ref, int(self.config.seed))
 
   def _precompute(self, ref_params: Any) -> None:
+    """One pass of the reference over the train (and eval) batches, into the cache."""
     c = self.config
     self.ref_cache = data_io.ref_cache(c, self.workdir).load()
     fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, int(c.train.logps_chunk_size),
                              self.param_sh, self.mesh)
-    ref_lib.precompute(self.ref_cache, fn, ref_params,
-                       data_io.pipeline(c, self.tokenizer, "train"), self.mesh,
+    start = self.train_iter.get_state()
+    ref_lib.precompute(self.ref_cache, fn, ref_params, self.train_iter, self.mesh,
                        num_batches=self.total_steps)
+    self.train_iter.set_state(start)
     if data_io.has_eval(c):
-      ref_lib.precompute(self.ref_cache, fn, ref_params,
-                         data_io.pipeline(c, self.tokenizer, "eval"), self.mesh,
+      it = self._eval_batches()
+      ref_lib.precompute(self.ref_cache, fn, ref_params, it, self.mesh,
                          num_batches=int(c.eval.num_batches) or 10**9)
     self.ref_cache.save(f"{jax.process_index()}_{os.getpid()}")
+
+  def _eval_batches(self) -> Any:
+    """The eval split's local batches, from its start (one pipeline, rewound each time)."""
+    if self._eval_iter is None:
+      self._eval_iter = data_io.pipeline(self.config, self.tokenizer, "eval")
+      self._eval_start = self._eval_iter.get_state()
+    self._eval_iter.set_state(self._eval_start)
+    n = int(self.config.eval.num_batches) or None
+    return itertools.islice(self._eval_iter, n)
 
   def _restore_or_init(self, data_iter: Any) -> state_lib.TrainState:
     step = self.ckpt.latest_step()
@@ -193,7 +204,7 @@ class Trainer:
   def fit(self) -> dict[str, Any]:
     """Runs (or resumes) training to `total_steps`; returns the last metrics."""
     c = self.config
-    data_iter = data_io.pipeline(c, self.tokenizer, "train")
+    self.train_iter = data_iter = data_io.pipeline(c, self.tokenizer, "train")
     state = self._restore_or_init(data_iter)
     start = int(jax.device_get(state.step))
     self.writer = MetricsWriter(self.workdir, self.total_steps, start,
@@ -201,18 +212,22 @@ class Trainer:
     self.step_fn = None
     last: dict[str, Any] = {"step": start}
     best = None
+    t_prev = time.perf_counter()
     with _StopSignal() as stop:
       step = start
       while step < self.total_steps:
         local = next(data_iter)
-        t0 = time.perf_counter()
         state, metrics = self._train_one(state, local)
         step += 1
-        last = self._after_step(step, metrics, local, time.perf_counter() - t0)
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        last = self._after_step(step, metrics, local, now - t_prev)
+        t_prev = now
         evals = self._maybe_eval(step, state)
         if evals:
           last.update(evals)
         self._maybe_save(step, state, data_iter, evals)
+        _debug_signal(c.train, step)
         if stop.requested(sync=step % int(c.log.every_steps) == 0):
           logging.warning("signal %s: saving step %d and exiting", stop.signum, step)
           self._save(step, state, data_iter, None, force=True)
@@ -235,7 +250,7 @@ class Trainer:
       return self.step_fn(state, batch)
 
   def _after_step(self, step: int, metrics: Any, local: dict, dt: float) -> dict[str, Any]:
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m = {k: float(v) for k, v in metrics.items()}
     if m.pop("nonfinite") > 0:
       msg = (f"non-finite loss or gradient at step {step} (loss={m['loss']}, "
              f"grad_norm={m['grad_norm']}); the update was not applied")
@@ -265,12 +280,7 @@ class Trainer:
   def evaluate(self, state) -> dict[str, float]:
     """Eval metrics (and diagnostics) of `state` on the eval split."""
     c = self.config
-    if self._eval_iter is None:
-      self._eval_iter = data_io.pipeline(c, self.tokenizer, "eval")
-      self._eval_start = self._eval_iter.get_state()
-    self._eval_iter.set_state(self._eval_start)  # the same eval batches every time
-    n = int(c.eval.num_batches) or None
-    it = (self._global_batch(b) for b in itertools.islice(self._eval_iter, n))
+    it = (self._global_batch(b) for b in self._eval_batches())
     b0 = next(it)
     if self.eval_fn is None:
       self._build_eval(b0, state.ref_params is not None)
@@ -305,6 +315,13 @@ class Trainer:
       self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
+
+
+def _debug_signal(train_cfg: Any, step: int) -> None:
+  """Fault injection for tests: this process sends itself `train.debug_signal` after a step."""
+  at = int(train_cfg.get("debug_signal_at_step", 0) or 0)
+  if at and step == at:
+    os.kill(os.getpid(), getattr(signal, train_cfg.get("debug_signal", "SIGKILL")))
 
 
 def _prepend(first, rest):

@@ -80,7 +80,8 @@ def train_step(state: TrainState, batch: Batch, *, task: Task,
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            & jnp.isfinite(optax.global_norm(updates)))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params),

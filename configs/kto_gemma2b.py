@@ -1,0 +1,38 @@
+r"""KTO of Gemma 2B on unpaired feedback, TPU.
+
+Paired data is split into desirable / undesirable examples (data.kind=unpaired);
+β = 0.1, λ_D = λ_U = 1, lr 5e-7, with the mismatched-pair KL estimate of z0.
+
+  python -m prefjax.main --config=configs/kto_gemma2b.py --workdir=gs://YOUR_BUCKET/kto_gemma2b \
+      --config.data.train=gs://YOUR_BUCKET/data/train.jsonl --config.model.init=gs://YOUR_BUCKET/gemma-2b-sft (HF dir)
+  python -m prefjax.main --config=configs/kto_gemma2b.py:runlocal --workdir=/tmp/kto_gemma2b_local
+"""
+import os
+import sys
+
+try:
+  from configs import common
+except ImportError:  # run from outside the repository root
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import common
+
+
+def get_config(arg=None):
+  """KTO of Gemma 2B on unpaired feedback, TPU; `runlocal`: a tiny model, 2 steps on CPU."""
+  a = common.parse_arg(arg, runlocal=False)
+  c = common.base_config()
+  common.gemma_tpu(c, "gemma_2b", remat="none")
+  c.task = "kto"
+  c.loss.name = "kto"
+  c.loss.beta = 0.1
+  c.loss.desirable_weight = 1.0  # λ_D
+  c.loss.undesirable_weight = 1.0  # λ_U
+  c.reference.mode = "model"
+  c.data.kind = "unpaired"
+  c.num_epochs = 1.0
+  c.optim.learning_rate = 5e-7
+  c.optim.warmup_steps = 50
+  c.data.batch_size = 64
+  if a.runlocal:
+    common.runlocal(c)
+  return c

@@ -1,0 +1,34 @@
+r"""ORPO of Gemma 2B (from the base model: SFT and preference in one), TPU.
+
+Reference-free; λ (beta) = 0.1, lr 8e-6 (Hong et al. 2024), 1 epoch.
+
+  python -m prefjax.main --config=configs/orpo_gemma2b.py --workdir=gs://YOUR_BUCKET/orpo_gemma2b \
+      --config.data.train=gs://YOUR_BUCKET/data/train.jsonl --config.model.init=gs://YOUR_BUCKET/gemma-2b (HF dir)
+  python -m prefjax.main --config=configs/orpo_gemma2b.py:runlocal --workdir=/tmp/orpo_gemma2b_local
+"""
+import os
+import sys
+
+try:
+  from configs import common
+except ImportError:  # run from outside the repository root
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import common
+
+
+def get_config(arg=None):
+  """ORPO of Gemma 2B (from the base model: SFT and preference in one), TPU; `runlocal`: a tiny model, 2 steps on CPU."""
+  a = common.parse_arg(arg, runlocal=False)
+  c = common.base_config()
+  common.gemma_tpu(c, "gemma_2b", remat="none")
+  c.task = "preference"
+  c.loss.name = "orpo"
+  c.loss.beta = 0.1  # λ, weight of the odds-ratio term
+  c.reference.mode = "none"
+  c.num_epochs = 1.0
+  c.optim.learning_rate = 8e-6
+  c.optim.warmup_steps = 100
+  c.data.batch_size = 64
+  if a.runlocal:
+    common.runlocal(c)
+  return c

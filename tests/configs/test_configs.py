@@ -1,0 +1,60 @@
+"""Every recipe builds and validates; a few runlocal variants train 2 steps."""
+import importlib.util
+import pathlib
+
+import pytest
+
+from tests.train import loop_helpers as lh
+
+CONFIGS = sorted(p.stem for p in (lh.REPO / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "common"))
+
+
+def load(name: str, arg=None):
+  path = lh.REPO / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_all_recipes_present():
+  assert {"quickstart", "rm_gemma2b", "rm_gemma7b", "dpo_gemma2b", "dpo_gemma7b",
+          "simpo_gemma2_9b", "kto_gemma2b", "orpo_gemma2b", "sft_gemma2b"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_builds_and_validates(name, arg):
+  from prefjax.train import validation  # pylint: disable=g-import-not-at-top
+  c = load(name, arg)
+  validation.validate(c)
+  if arg == "runlocal":
+    assert c.total_steps == 2 and c.model.preset.startswith("tiny")
+
+
+def test_docstrings_give_the_command():
+  for name in CONFIGS:
+    text = (lh.REPO / "configs" / f"{name}.py").read_text()
+    assert f"--config=configs/{name}.py" in text, name
+
+
+def test_unknown_arg_is_an_error():
+  with pytest.raises(ValueError, match="unknown config argument"):
+    load("dpo_gemma2b", "runlokal")
+
+
+@pytest.mark.parametrize("name", ["dpo_gemma2b", "rm_gemma2b"])
+def test_runlocal_trains_two_steps(tmp_path, name):
+  r = lh.run_main(str(tmp_path / name), ["--config.log.progress=False"],
+                  config=f"configs/{name}.py:runlocal")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert sorted(lh.losses(str(tmp_path / name))) == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kto_gemma2b", "orpo_gemma2b", "sft_gemma2b",
+                                  "simpo_gemma2_9b", "dpo_gemma7b", "rm_gemma7b",
+                                  "quickstart"])
+def test_runlocal_trains_two_steps_slow(tmp_path, name):
+  test_runlocal_trains_two_steps(tmp_path, name)
