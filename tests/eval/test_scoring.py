@@ -56,6 +56,36 @@ def _packed_batch():
   return b
 
 
+def _prompt_shared_batch():
+  """Rows [[pair 0, pair 1], [pair 2]]: shared prompt[:-1] (branch 0), then
+  [prompt[-1]] + response per branch (1 chosen, 2 rejected), branches from position |p|-1."""
+  rows = [[0, 1], [2]]
+  keys = ("tokens", "targets", "positions", "segment_ids", "branch_ids")
+  b = {k: np.zeros((2, 2 * L), np.int32) for k in keys}
+  b["loss_mask"] = np.zeros((2, 2 * L), np.float32)
+  b["pair_mask"] = np.array([[1, 1], [1, 0]], np.float32)
+  for row, pairs in enumerate(rows):
+    at = 0
+    for slot, i in enumerate(pairs):
+      p, c, r = PAIRS[i]
+      n = len(p) - 1
+      parts = [(0, p[:-1], np.append(p[1:], 0)[:n], np.zeros(n), np.arange(n))]
+      for br, resp in ((1, c), (2, r)):
+        t, g, m = _seq(p[-1:], resp)
+        parts.append((br, t, g, m, n + np.arange(len(t))))
+      for br, t, g, m, pos in parts:
+        sl = slice(at, at + len(t))
+        b["tokens"][row, sl], b["targets"][row, sl], b["loss_mask"][row, sl] = t, g, m
+        b["positions"][row, sl], b["branch_ids"][row, sl] = pos, br
+        b["segment_ids"][row, sl] = slot + 1
+        at += len(t)
+  return b
+
+
+def _first3(c, r):
+  return np.stack([np.asarray(c).reshape(-1)[:3], np.asarray(r).reshape(-1)[:3]], -1)
+
+
 def _random_params(cfg, seed):
   """Random params of cfg's shapes, built on the host (no init compile: keeps the test fast)."""
   rng = np.random.default_rng(seed)
@@ -120,9 +150,8 @@ def test_reward_scores_padded_and_packed(model):
   fn = scoring.reward_score_fn(cfg, params)
   c, r = fn(_padded_batch())
   np.testing.assert_allclose(np.stack([c, r], -1), want, rtol=1e-4, atol=1e-4)
-  c, r = fn(_packed_batch())
-  got = np.stack([np.asarray(c).reshape(-1)[:3], np.asarray(r).reshape(-1)[:3]], -1)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  for batch in (_packed_batch(), _prompt_shared_batch()):
+    np.testing.assert_allclose(_first3(*fn(batch)), want, rtol=1e-4, atol=1e-4)
 
 
 def test_implicit_dpo_and_simpo(model):
@@ -136,9 +165,10 @@ def test_implicit_dpo_and_simpo(model):
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(np.stack([scored.chosen_lengths, scored.rejected_lengths], -1),
                                 lens)
+  np.testing.assert_allclose(_first3(*dpo(_prompt_shared_batch())), 0.5 * (pol - rfp),
+                             rtol=1e-4, atol=1e-4)
   simpo = scoring.implicit_score_fn(cfg, params, method="simpo", beta=2.0)
-  c, r = simpo(_packed_batch())
-  got = np.stack([np.asarray(c).reshape(-1)[:3], np.asarray(r).reshape(-1)[:3]], -1)
-  np.testing.assert_allclose(got, 2.0 * pol / lens, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_first3(*simpo(_packed_batch())), 2.0 * pol / lens,
+                             rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="ref_params"):
     scoring.implicit_score_fn(cfg, params, method="ipo")
