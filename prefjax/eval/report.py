@@ -98,9 +98,10 @@ def _set_row(name: str, m: Mapping[str, Any], tag: Optional[str]) -> list[str]:
 
 def _summary_rows(summary: Mapping[str, Any], width: int) -> list[list[str]]:
   pad = [""] * (width - 4)
+  sets = lambda n: f"{n} set" + ("" if n == 1 else "s")  # noqa: E731
   return [
-      [f"**ID mean** ({len(summary['id_sets'])} sets)", "id", "", _num(summary["id_mean"])] + pad,
-      [f"**OOD mean** ({len(summary['ood_sets'])} sets)", "ood", "",
+      [f"**ID mean** ({sets(len(summary['id_sets']))})", "id", "", _num(summary["id_mean"])] + pad,
+      [f"**OOD mean** ({sets(len(summary['ood_sets']))})", "ood", "",
        _num(summary["ood_mean"])] + pad,
       ["**ID − OOD drop**", "", "", _signed(summary["drop"])] + pad,
   ]

@@ -133,6 +133,39 @@ def _pair_slot_shape(batch: Mapping[str, Any], scores: np.ndarray) -> tuple[int,
   return scores.shape
 
 
+def score_batches_multi(score_fns: Mapping[str, ScorePairsFn], batches: Iterable[dict], *,
+                        desc: Optional[str] = None, total: Optional[int] = None,
+                        progress: bool = True) -> dict[str, ScoredPairs]:
+  """`score_batches` for several scorers in ONE pass over the batches (data read once).
+
+  Returns:
+    {kind: ScoredPairs}.
+  """
+  if total is None and hasattr(batches, "__len__"):
+    total = len(batches)  # type: ignore[arg-type]
+  parts: dict[str, list[tuple[np.ndarray, ...]]] = {k: [] for k in score_fns}
+  for batch in tqdm.tqdm(batches, desc=desc, total=total, disable=not progress,
+                         unit="batch", leave=False):
+    lengths = None
+    for kind, fn in score_fns.items():
+      chosen, rejected = fn(batch)
+      chosen = np.asarray(chosen, np.float64)
+      rejected = np.asarray(rejected, np.float64)
+      shape = _pair_slot_shape(batch, chosen)
+      keep = batch_pair_mask(batch, shape)
+      if lengths is None:
+        lengths = tuple(a[keep] for a in batch_pair_lengths(batch, shape))
+      parts[kind].append((chosen.reshape(shape)[keep], rejected.reshape(shape)[keep]) + lengths)
+  out = {}
+  for kind, ps in parts.items():
+    if not ps:
+      empty = np.zeros((0,), np.float64)
+      out[kind] = ScoredPairs(empty, empty.copy(), empty.copy(), empty.copy())
+    else:
+      out[kind] = ScoredPairs(*(np.concatenate([p[i] for p in ps]) for i in range(4)))
+  return out
+
+
 def score_batches(score_pairs_fn: ScorePairsFn, batches: Iterable[dict], *,
                   desc: Optional[str] = None, total: Optional[int] = None,
                   progress: bool = True) -> ScoredPairs:
@@ -147,23 +180,8 @@ def score_batches(score_pairs_fn: ScorePairsFn, batches: Iterable[dict], *,
   Returns:
     `ScoredPairs` of the valid pairs, concatenated in order.
   """
-  if total is None and hasattr(batches, "__len__"):
-    total = len(batches)  # type: ignore[arg-type]
-  parts: list[tuple[np.ndarray, ...]] = []
-  for batch in tqdm.tqdm(batches, desc=desc, total=total, disable=not progress,
-                         unit="batch", leave=False):
-    chosen, rejected = score_pairs_fn(batch)
-    chosen = np.asarray(chosen, np.float64)
-    rejected = np.asarray(rejected, np.float64)
-    shape = _pair_slot_shape(batch, chosen)
-    chosen, rejected = chosen.reshape(shape), rejected.reshape(shape)
-    keep = batch_pair_mask(batch, shape)
-    lc, lr = batch_pair_lengths(batch, shape)
-    parts.append(tuple(a[keep] for a in (chosen, rejected, lc, lr)))
-  if not parts:
-    empty = np.zeros((0,), np.float64)
-    return ScoredPairs(empty, empty.copy(), empty.copy(), empty.copy())
-  return ScoredPairs(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+  return score_batches_multi({"_": score_pairs_fn}, batches, desc=desc, total=total,
+                             progress=progress)["_"]
 
 
 def scored_metrics(scores: ScoredPairs, *, ties: str = "half", bootstrap: int = 1000,
@@ -173,6 +191,33 @@ def scored_metrics(scores: ScoredPairs, *, ties: str = "half", bootstrap: int = 
   return metrics_lib.pair_metrics(scores.chosen, scores.rejected, chosen_lengths=lengths[0],
                                   rejected_lengths=lengths[1], ties=ties,
                                   bootstrap=bootstrap, seed=seed)
+
+
+def evaluate_kinds(score_fns: Mapping[str, ScorePairsFn], eval_sets: Mapping[str, BatchSource],
+                   *, batch_size: int, tags: Optional[Mapping[str, str]] = None,
+                   ties: str = "half", bootstrap: int = 1000, seed: int = 0,
+                   progress: bool = True) -> dict[str, dict[str, SetResult]]:
+  """Evaluates several scorers (e.g. explicit and implicit RM) on several sets, reading
+  each set once.
+
+  Args:
+    score_fns: kind -> `score_pairs_fn`.
+    eval_sets, batch_size, tags, ties, bootstrap, seed, progress: as in `evaluate_sets`.
+
+  Returns:
+    {kind: {name: SetResult}}.
+  """
+  tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
+  out: dict[str, dict[str, SetResult]] = {kind: {} for kind in score_fns}
+  for name, source in eval_sets.items():
+    batches = source(batch_size) if callable(source) else source
+    scored = score_batches_multi(score_fns, batches, desc=f"eval {name}", progress=progress)
+    for kind, scores in scored.items():
+      m = scored_metrics(scores, ties=ties, bootstrap=bootstrap, seed=seed)
+      if hasattr(batches, "dropped"):  # prefjax.data pipelines count what they skipped
+        m["data_dropped"] = dict(batches.dropped)
+      out[kind][name] = SetResult(name, tags.get(name), m, scores)
+  return out
 
 
 def evaluate_sets(score_pairs_fn: ScorePairsFn, eval_sets: Mapping[str, BatchSource], *,
@@ -193,16 +238,8 @@ def evaluate_sets(score_pairs_fn: ScorePairsFn, eval_sets: Mapping[str, BatchSou
   Returns:
     {name: SetResult}, in the order of `eval_sets`.
   """
-  tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
-  out = {}
-  for name, source in eval_sets.items():
-    batches = source(batch_size) if callable(source) else source
-    scores = score_batches(score_pairs_fn, batches, desc=f"eval {name}", progress=progress)
-    m = scored_metrics(scores, ties=ties, bootstrap=bootstrap, seed=seed)
-    if hasattr(batches, "dropped"):  # prefjax.data pipelines count what they skipped
-      m["data_dropped"] = dict(batches.dropped)
-    out[name] = SetResult(name, tags.get(name), m, scores)
-  return out
+  return evaluate_kinds({"_": score_pairs_fn}, eval_sets, batch_size=batch_size, tags=tags,
+                        ties=ties, bootstrap=bootstrap, seed=seed, progress=progress)["_"]
 
 
 def registry_sources(names: Iterable[str],
@@ -327,7 +364,7 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
   Args:
     score_fns: reward kind -> `score_pairs_fn`. With two kinds the report adds a
       side-by-side comparison.
-    eval_sets: as in `evaluate_sets` (callable sources are re-created per kind).
+    eval_sets: as in `evaluate_sets`; each set is read once for all kinds.
     workdir: output directory (created).
     batch_size, tags, ties, bootstrap, seed, progress: as in `evaluate_sets`.
     plots: also write the PNG figures (`prefjax.eval.plots`).
@@ -338,9 +375,8 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
   """
   from prefjax.eval import report  # pylint: disable=import-outside-toplevel
   tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
-  results = {kind: evaluate_sets(fn, eval_sets, batch_size=batch_size, tags=tags, ties=ties,
-                                 bootstrap=bootstrap, seed=seed, progress=progress)
-             for kind, fn in score_fns.items()}
+  results = evaluate_kinds(score_fns, eval_sets, batch_size=batch_size, tags=tags, ties=ties,
+                           bootstrap=bootstrap, seed=seed, progress=progress)
   by_kind = {kind: {n: r.metrics for n, r in res.items()} for kind, res in results.items()}
   files = report.write_report(workdir, by_kind, tags=tags, meta=meta)
   if plots:

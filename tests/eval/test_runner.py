@@ -99,12 +99,18 @@ def test_evaluate_sets_callable_sources_and_tags():
 
 
 def test_evaluate_and_report_writes_everything(tmp_path):
-  src = {"hh_helpful_base": lambda bs: _padded_batches(C, R, LC, LR, batch_size=bs),
-         "pandalm": lambda bs: _padded_batches(R, C, LR, LC, batch_size=bs)}
+  reads = []
+  def source(c, r, lc, lr):
+    def make(bs):
+      reads.append(bs)
+      return _padded_batches(c, r, lc, lr, batch_size=bs)
+    return make
+  src = {"hh_helpful_base": source(C, R, LC, LR), "pandalm": source(R, C, LR, LC)}
   neg = lambda b: tuple(-x for x in _score_padded(b))
   out = runner.evaluate_and_report({"explicit": _score_padded, "implicit": neg}, src,
                                    workdir=tmp_path, batch_size=3, bootstrap=50, progress=False,
                                    meta={"beta": 0.1}, plots=False)  # plots: test_plots.py
+  assert reads == [3, 3]  # each set read once for both kinds
   data = json.loads((tmp_path / "eval_results.json").read_text())
   ex = data["models"]["explicit"]
   assert ex["sets"]["hh_helpful_base"]["accuracy"] == pytest.approx(4.5 / 7)
