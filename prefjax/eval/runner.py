@@ -352,6 +352,32 @@ def pipeline_batches(data_config: Any, tokenizer: Any = None, *, process_index: 
   return make_batches
 
 
+_FIELDS = ("chosen", "rejected", "chosen_lengths", "rejected_lengths")
+
+
+def save_scores(path: Union[str, os.PathLike], results: Mapping[str, Mapping[str, SetResult]]
+                ) -> pathlib.Path:
+  """Per-pair scores of every kind and set as `<kind>__<set>__<field>` arrays in an .npz,
+  to recompute metrics or redraw plots later (`load_scores`)."""
+  arrays = {f"{kind}__{name}__{f}": getattr(r.scores, f)
+            for kind, sets in results.items() for name, r in sets.items() for f in _FIELDS}
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez_compressed(path, **arrays)
+  return path
+
+
+def load_scores(path: Union[str, os.PathLike]) -> dict[str, dict[str, ScoredPairs]]:
+  """Inverse of `save_scores`: {kind: {set: ScoredPairs}}."""
+  out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+  with np.load(path) as z:
+    for key in z.files:
+      kind, rest = key.split("__", 1)
+      name, field = rest.rsplit("__", 1)
+      out.setdefault(kind, {}).setdefault(name, {})[field] = z[key]
+  return {k: {n: ScoredPairs(**v) for n, v in sets.items()} for k, sets in out.items()}
+
+
 def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
                         eval_sets: Mapping[str, BatchSource], *, workdir: Union[str, os.PathLike],
                         batch_size: int, tags: Optional[Mapping[str, str]] = None,
@@ -371,7 +397,8 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
     meta: extra JSON-able info stored under "meta" (checkpoint, β, step, ...).
 
   Returns:
-    {"results": {kind: {name: SetResult}}, "files": {label: path}}.
+    {"results": {kind: {name: SetResult}}, "files": {label: path}}; files: json, markdown,
+    html, scores (eval_scores.npz, `load_scores`) and the PNGs.
   """
   from prefjax.eval import report  # pylint: disable=import-outside-toplevel
   tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
@@ -379,6 +406,7 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
                            bootstrap=bootstrap, seed=seed, progress=progress)
   by_kind = {kind: {n: r.metrics for n, r in res.items()} for kind, res in results.items()}
   files = report.write_report(workdir, by_kind, tags=tags, meta=meta)
+  files["scores"] = save_scores(pathlib.Path(workdir) / "eval_scores.npz", results)
   if plots:
     from prefjax.eval import plots as plots_lib  # pylint: disable=import-outside-toplevel
     files.update(plots_lib.write_eval_plots(workdir, results))

@@ -118,6 +118,9 @@ def test_evaluate_and_report_writes_everything(tmp_path):
   assert ex["summary"]["drop"] == pytest.approx(2 / 7)
   assert data["comparison"]["kinds"] == ["explicit", "implicit"]
   assert out["results"]["implicit"]["pandalm"].metrics["accuracy"] == pytest.approx(4.5 / 7)
+  back = runner.load_scores(out["files"]["scores"])
+  np.testing.assert_array_equal(back["implicit"]["pandalm"].chosen, -R)
+  np.testing.assert_array_equal(back["explicit"]["hh_helpful_base"].rejected_lengths, LR)
   for key in ("json", "markdown", "html"):
     assert out["files"][key].stat().st_size > 0
 
