@@ -129,3 +129,11 @@ def test_bad_policy_name(tmp_path, tok):
   path = write_jsonl(tmp_path / "g.jsonl", pairs(4))
   with pytest.raises(ValueError, match="on_bad_record"):
     data.make_pipeline(config(path, on_bad_record="ignore"), tok)
+
+
+def test_corrupt_parquet(tmp_path, tok):
+  path = tmp_path / "x.parquet"
+  path.write_bytes(b"PAR1 this is not parquet")
+  with pytest.raises(data.DataError, match="cannot read parquet") as e:
+    data.make_pipeline(config(str(path)), tok)
+  assert e.value.reason == "corrupt_file" and str(path) in str(e.value)
