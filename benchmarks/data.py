@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+import os
 import platform
+import resource
 import sys
 import time
 
@@ -44,6 +46,7 @@ def _run(train: list[str], tok: data.Tokenizer, layout: str, workers: int) -> di
              layout=layout, batch_size=_BATCH.value, worker_count=workers,
              max_len=_MAX_LEN.value * (2 if packed else 1), max_pairs_per_row=16)
   t0 = time.perf_counter()
+  cpu0 = _cpu_s()
   pipe = data.make_pipeline(cfg, tok)
   t1 = time.perf_counter()
   pairs = batches = real = slots = 0
@@ -54,12 +57,22 @@ def _run(train: list[str], tok: data.Tokenizer, layout: str, workers: int) -> di
     slots += batch["segment_ids"].size
   t2 = time.perf_counter()
   pipe.close()
+  cpu = _cpu_s() - cpu0
   return {"layout": layout, "worker_count": workers, "max_len": cfg.max_len,
           "batch_size": cfg.batch_size, "index_s": round(t1 - t0, 2),
           "iterate_s": round(t2 - t1, 2), "batches": batches, "pairs": pairs,
           "pairs_per_s": round(pairs / (t2 - t1), 1),
           "tokens_per_s": round(real / (t2 - t1)),
-          "padding_fraction": round(1 - real / max(slots, 1), 4)}
+          "padding_fraction": round(1 - real / max(slots, 1), 4),
+          "cpu_s": round(cpu, 2), "pairs_per_cpu_s": round(pairs / max(cpu, 1e-9), 1),
+          "load_avg_1m": round(os.getloadavg()[0], 1)}
+
+
+def _cpu_s() -> float:
+  """User+system CPU seconds of this process and of its finished worker processes."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv):
@@ -70,7 +83,7 @@ def main(argv):
   results = [_run(train, tok, layout, int(w)) for layout in _LAYOUTS.value
              for w in _WORKERS.value]
   print(json.dumps({"benchmark": "prefjax.data", "files": train, "tokenizer": tok_path,
-                    "vocab_size": tok.vocab_size, "cpus": __import__("os").cpu_count(),
+                    "vocab_size": tok.vocab_size, "cpus": os.cpu_count(),
                     "python": platform.python_version(), "results": results}, indent=1))
 
 
