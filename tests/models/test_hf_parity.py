@@ -92,3 +92,21 @@ def test_clear_errors(tmp_path):
   write_sharded(tmp_path / "hf", keep, max_shard_size="1GB")
   with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
     models.load_hf_checkpoint(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("family", ("gemma2", "llama"))
+def test_greedy_sampler_matches_transformers_generate(family, tmp_path):
+  model = build_hf_model(family)
+  model.save_pretrained(tmp_path / "hf")
+  cfg, params = models.load_hf_checkpoint(tmp_path / "hf")
+  prompts = np.array([[5, 17, 33, 0, 0], [7, 9, 11, 13, 21]], np.int32)  # right-padded
+  lengths = np.array([3, 5], np.int32)
+  left = np.array([[0, 0, 5, 17, 33], [7, 9, 11, 13, 21]])
+  mask = (np.arange(5)[None] >= 5 - lengths[:, None]).astype(np.int64)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(left), attention_mask=torch.tensor(mask),
+                         max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
+  ref = ref[:, 5:].numpy()
+  ours = models.sample(cfg, params, prompts, lengths, max_new_tokens=8, stop_tokens=[2])
+  got = np.asarray(ours.tokens)[:, :ref.shape[1]]
+  np.testing.assert_array_equal(got, ref)
