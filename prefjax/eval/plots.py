@@ -31,9 +31,11 @@ def _new_figure(width: float, height: float) -> Figure:
   return fig
 
 
-def _save(fig: Figure, path: PathLike) -> pathlib.Path:
+def _save(fig: Figure, path: PathLike, *, suptitle: Optional[str] = None) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  if suptitle:  # set before tight_layout, which then leaves room for it
+    fig.suptitle(suptitle, fontsize=11)
   fig.tight_layout()
   fig.savefig(path, format="png")
   return path
@@ -80,9 +82,7 @@ def plot_score_histograms(scores: Mapping[str, tuple[Any, Any]], path: PathLike,
     ax.set_xlabel("score", fontsize=8)
     ax.set_ylabel("count", fontsize=8)
     ax.tick_params(labelsize=7)
-  if title:
-    fig.suptitle(title, fontsize=11)
-  return _save(fig, path)
+  return _save(fig, path, suptitle=title)
 
 
 def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: PathLike, *,
@@ -176,8 +176,7 @@ def plot_length_buckets(length_bias: Mapping[str, Mapping[str, Any]], path: Path
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("accuracy", fontsize=8)
     ax.legend(fontsize=7)
-  fig.suptitle(title, fontsize=11)
-  return _save(fig, path)
+  return _save(fig, path, suptitle=title)
 
 
 def plot_generation_scores(scores: Mapping[str, Any], path: PathLike, *, bins: int = 40,
