@@ -1,0 +1,231 @@
+"""Per-token log-probabilities, including the chunked LM head for huge vocabularies.
+
+Shape letters: B batch (any leading dims are flattened into it), T length,
+D model width, V vocabulary, C chunk length along T.
+
+Numerics. Every log-prob is `logit[target] - logsumexp(logits)` evaluated in
+float32 (the "selective log-softmax" of tunix, `tunix/rl/common.py`), whatever
+the input dtype: bf16 logits are upcast before the reduction, and the LM-head
+matmul `hidden @ unembedding.T` accumulates in float32
+(`preferred_element_type=float32`) even when its operands are bf16. Gradients
+w.r.t. the unembedding are accumulated over chunks in float32 and cast to the
+operand dtype once at the end.
+
+Memory. `token_logps_from_hidden` never materialises [B, T, V] logits (DESIGN.md:
+a Gemma vocabulary has V = 256k, so float32 logits for B=8, T=1024 are 8 GB and
+a naive value_and_grad needs ~24 GB). It scans over chunks of C positions; the
+largest temporaries are a few [B, C, V] float32 blocks plus the float32 [V, D]
+gradient accumulator. The backward pass is a hand-written VJP (`jax.custom_vjp`)
+that recomputes each chunk's logits once and forms
+`d logits = g * (onehot(target) - softmax)` directly, which is leaner than
+differentiating through `jax.checkpoint` + `lax.scan` (that path is kept as
+`implementation="checkpoint"`, and supports forward-mode autodiff).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from prefjax.ops import _chunks
+
+
+def token_logps_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Log-probability of each target token under full logits.
+
+  Args:
+    logits: [..., T, V] logits in any float dtype (bf16 is upcast).
+    targets: [..., T] integer token ids in [0, V).
+
+  Returns:
+    [..., T] float32 `logits[target] - logsumexp(logits)`, computed in float32.
+  """
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(
+        f"targets shape {targets.shape} must equal logits shape without V {logits.shape[:-1]}")
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked - lse
+
+
+def token_logps_from_hidden(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 128,
+    logit_softcap: Optional[float] = None,
+    compute_dtype: Optional[Any] = None,
+    vocab_chunk_size: int = 32768,
+    implementation: Literal["custom_vjp", "checkpoint"] = "custom_vjp",
+) -> jax.Array:
+  """Per-token log-probs of an LM head, chunked along T so [B, T, V] never exists.
+
+  Computes `logits = hidden @ unembedding.T`, optionally Gemma 2 soft-capping
+  `c * tanh(logits / c)`, then `log_softmax(logits)[target]`, all as float32,
+  C = `chunk_size` positions (times all of B) at a time. Gradients w.r.t.
+  `hidden` and `unembedding` are exact (equal to differentiating the naive
+  full-logits computation, up to float rounding).
+
+  Args:
+    hidden: [B, T, D] final hidden states (any leading dims instead of B).
+    unembedding: [V, D] output embedding (Gemma ties it to the input embedding).
+    targets: [B, T] integer next-token ids in [0, V).
+    chunk_size: C, positions per chunk. T need not be a multiple of C (padded
+      internally). Peak extra memory is ~3 float32 [B, C, V] blocks plus [V, D].
+    logit_softcap: Gemma 2 final-logit cap (30.0 for Gemma 2), or None.
+    compute_dtype: dtype for the matmul operands (e.g. jnp.bfloat16 on TPU);
+      default: the promoted dtype of `hidden` and `unembedding`. Accumulation
+      and everything after the matmul are float32 regardless.
+    implementation: "custom_vjp" (default; hand-written backward pass, reverse
+      mode only) or "checkpoint" (`jax.checkpoint` + `lax.scan`, autodiff does
+      the rest; supports forward mode too).
+
+  Returns:
+    [B, T] float32 log-probabilities.
+  """
+  _chunks.check_head(hidden, unembedding)
+  if targets.shape != hidden.shape[:-1]:
+    raise ValueError(f"targets shape {targets.shape} must equal hidden shape without D "
+                     f"{hidden.shape[:-1]}")
+  if compute_dtype is None:
+    compute_dtype = jnp.result_type(hidden, unembedding)
+  cap = None if logit_softcap is None else float(logit_softcap)
+  h, lead = _chunks.flatten_lead(hidden.astype(compute_dtype), 2)
+  t, _ = _chunks.flatten_lead(targets.astype(jnp.int32), 1)
+  w = unembedding.astype(compute_dtype)
+  seq_len = h.shape[1]
+  c = _chunks.chunk_len(seq_len, chunk_size)
+  h_chunks = _chunks.to_chunks(h, c)  # [n, N, C, D]
+  t_chunks = _chunks.to_chunks(t, c)  # [n, N, C]
+  if implementation == "custom_vjp":
+    out = _scan_logps_custom_vjp(h_chunks, w, t_chunks, cap, vocab_chunk_size)
+  elif implementation == "checkpoint":
+    out = _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
+  else:
+    raise ValueError(f"unknown implementation {implementation!r}; "
+                     "expected 'custom_vjp' or 'checkpoint'")
+  return _chunks.from_chunks(out, seq_len).reshape(lead + (seq_len,))
+
+
+def _chunk_logps_and_lse(h_c, w, t_c, cap):
+  """One chunk: [N, C, D], [V, D], [N, C] -> float32 log-probs [N, C] and logsumexp [N, C]."""
+  z = _chunks.chunk_logits(h_c, w, cap)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
+  return picked - lse, lse
+
+
+def _scan_logps_checkpoint(h_chunks, w, t_chunks, cap):
+  """Reference chunked path: autodiff through `lax.scan` of a rematerialised body."""
+
+  @jax.checkpoint
+  def body(carry, xs):
+    h_c, t_c = xs
+    logp, _ = _chunk_logps_and_lse(h_c, w, t_c, cap)
+    return carry, logp
+
+  _, out = jax.lax.scan(body, None, (h_chunks, t_chunks))
+  return out
+
+
+def _fold_vocab_blocks(fn, carry, w: jax.Array, block: int):
+  """carry = fn(carry, w[lo:lo+Vb], lo) over vocabulary blocks covering [0, V).
+
+  Full blocks run in a `lax.fori_loop` with dynamic slices (a static slice of W
+  inside a scan would be hoisted out of the loop by XLA, copying all of W); a
+  shorter last block, if any, is handled once after the loop.
+  """
+  if block <= 0:
+    raise ValueError(f"vocab_chunk_size must be positive, got {block}")
+  vocab = w.shape[0]
+  block = min(block, vocab)
+  n_full = vocab // block
+
+  def step(i, c):
+    lo = i * block
+    return fn(c, jax.lax.dynamic_slice_in_dim(w, lo, block, axis=0), lo)
+
+  if n_full == 1:
+    carry = fn(carry, w[:block], 0)
+  else:
+    carry = jax.lax.fori_loop(0, n_full, step, carry)
+  if n_full * block < vocab:
+    carry = fn(carry, w[n_full * block:], n_full * block)
+  return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _scan_logps_custom_vjp(h_chunks, w, t_chunks, cap, vblock):
+  """[n, N, C, D], [V, D], [n, N, C] -> float32 [n, N, C] log-probs."""
+  return _logps_fwd(h_chunks, w, t_chunks, cap, vblock)[0]
+
+
+def _logps_fwd(h_chunks, w, t_chunks, cap, vblock):
+  """Scan over T chunks; inside, an online logsumexp over vocabulary blocks."""
+  def body(carry, xs):
+    h_c, t_c = xs
+
+    def block(acc, w_b, lo):
+      lse, picked = acc
+      z = _chunks.chunk_logits(h_c, w_b, cap)                # [N, C, Vb] float32
+      lse = jnp.logaddexp(lse, jax.nn.logsumexp(z, axis=-1))
+      idx = jnp.clip(t_c - lo, 0, w_b.shape[0] - 1)
+      z_t = jnp.take_along_axis(z, idx[..., None], axis=-1)[..., 0]
+      picked = jnp.where((t_c >= lo) & (t_c < lo + w_b.shape[0]), z_t, picked)
+      return lse, picked
+
+    init = (jnp.full(t_c.shape, -jnp.inf, jnp.float32), jnp.zeros(t_c.shape, jnp.float32))
+    lse, picked = _fold_vocab_blocks(block, init, w, vblock)
+    return carry, (picked - lse, lse)
+
+  _, (logp, lse) = jax.lax.scan(body, None, (h_chunks, t_chunks))
+  # Residuals are the (small) inputs and the [n, N, C] logsumexp; no logits.
+  return logp, (h_chunks, w, t_chunks, lse)
+
+
+def _logps_bwd(cap, vblock, res, g):
+  """VJP: d logp / d z = onehot(target) - softmax(z); chain through softcap and matmul.
+
+  With the forward logsumexp saved, each (T chunk, vocabulary block) is
+  independent: recompute its logits, form d logits, add `d logits @ W_block` to
+  d hidden and write `d logits^T @ hidden` into rows [lo, hi) of d W in place.
+  """
+  h_chunks, w, t_chunks, lse = res
+
+  def body(dw, xs):
+    h_c, t_c, lse_c, g_c = xs
+
+    def block(acc, w_b, lo):
+      dw, dh_c = acc
+      x = jnp.einsum("NCD,VD->NCV", h_c, w_b, preferred_element_type=jnp.float32)
+      if cap is None:
+        z = x
+      else:
+        th = jnp.tanh(x / cap)
+        z = cap * th
+      p = jnp.exp(z - lse_c[..., None])
+      onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) + lo == t_c[..., None]
+      dz = g_c[..., None] * (onehot.astype(jnp.float32) - p)
+      if cap is not None:
+        dz = dz * (1.0 - th * th)  # d(c tanh(x/c))/dx
+      dz = dz.astype(w.dtype)
+      dh_c = dh_c + jnp.einsum("NCV,VD->NCD", dz, w_b, preferred_element_type=jnp.float32)
+      dw_b = jnp.einsum("NCV,NCD->VD", dz, h_c, preferred_element_type=jnp.float32)
+      rows = jax.lax.dynamic_slice_in_dim(dw, lo, w_b.shape[0], axis=0)
+      dw = jax.lax.dynamic_update_slice_in_dim(dw, rows + dw_b, lo, axis=0)
+      return dw, dh_c
+
+    dw, dh_c = _fold_vocab_blocks(block, (dw, jnp.zeros(h_c.shape, jnp.float32)), w, vblock)
+    return dw, dh_c.astype(h_c.dtype)
+
+  dw0 = jnp.zeros(w.shape, jnp.float32)
+  g = g.astype(jnp.float32)
+  dw, dh = jax.lax.scan(body, dw0, (h_chunks, t_chunks, lse, g))
+  return dh, dw.astype(w.dtype), None
+
+
+_scan_logps_custom_vjp.defvjp(_logps_fwd, _logps_bwd)
