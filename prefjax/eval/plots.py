@@ -41,6 +41,15 @@ def _save(fig: Figure, path: PathLike, *, suptitle: Optional[str] = None) -> pat
   return path
 
 
+def _style(j: int, n: int) -> dict[str, Any]:
+  """Distinct line colour / style / marker for series j of n (tab20 beyond 7 series)."""
+  if n <= len(_COLORS):
+    return {"color": _COLORS[j], "marker": "o"}
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  cmap = matplotlib.colormaps["tab20"]
+  return {"color": cmap(j % 20), "marker": "osD^v"[j % 5], "linestyle": ("-", "--", ":")[j // 20 % 3]}
+
+
 def _grid(n: int, ncols: int) -> tuple[int, int]:
   ncols = max(1, min(ncols, n))
   return int(math.ceil(n / ncols)), ncols
@@ -150,7 +159,8 @@ def plot_length_buckets(length_bias: Mapping[str, Mapping[str, Any]], path: Path
     path: PNG file to write.
     title: figure title.
   """
-  fig = _new_figure(11.0, 4.0)
+  many = len(length_bias) > 4
+  fig = _new_figure(13.0 if many else 11.0, 4.0)
   panels = (("by_length_diff", "len(chosen) − len(rejected) [tokens]"),
             ("by_total_length", "len(chosen) + len(rejected) [tokens]"))
   for p, (key, xlabel) in enumerate(panels):
@@ -158,7 +168,8 @@ def plot_length_buckets(length_bias: Mapping[str, Mapping[str, Any]], path: Path
     label_sets = {tuple(b["label"] for b in lb[key]) for lb in length_bias.values()}
     for j, (label, lb) in enumerate(length_bias.items()):
       acc = [b["accuracy"] if b["accuracy"] is not None else np.nan for b in lb[key]]
-      ax.plot(range(len(acc)), acc, marker="o", label=label, color=_COLORS[j % len(_COLORS)])
+      ax.plot(range(len(acc)), acc, label=label, markersize=4,
+              **_style(j, len(length_bias)))
     if len(label_sets) == 1:  # same buckets for every series: name them
       (labels,) = label_sets
       if len(length_bias) == 1:
@@ -175,7 +186,8 @@ def plot_length_buckets(length_bias: Mapping[str, Mapping[str, Any]], path: Path
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("accuracy", fontsize=8)
-    ax.legend(fontsize=7)
+    if p == 1:  # one legend, outside the axes
+      ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   return _save(fig, path, suptitle=title)
 
 
