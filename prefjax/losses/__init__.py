@@ -34,6 +34,8 @@ from prefjax.losses.types import (
     LossOutput, PairedLogps, TokenLogps, UnpairedLogps, UnpairedLossOutput)
 from prefjax.losses.unpaired import BCOState, apo_zero_unpaired, bco, kto, kto_reference_point
 
+dpo = sigmoid  # DPO (Rafailov et al. 2023) is TRL's loss_type "sigmoid".
+
 # Paired losses over `PairedLogps`. Keys of the DPO family are TRL's `loss_type`s.
 LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sigmoid": sigmoid,
@@ -114,7 +116,7 @@ def get_unpaired(name: str) -> Callable[..., UnpairedLossOutput]:
 
 
 __all__ = [
-    "LOSSES", "TOKEN_LEVEL_LOSSES", "UNPAIRED_LOSSES", "names", "get",
+    "dpo", "LOSSES", "TOKEN_LEVEL_LOSSES", "UNPAIRED_LOSSES", "names", "get",
     "token_level_names", "get_token_level", "unpaired_names", "get_unpaired",
     "PairedLogps", "LossOutput", "TokenLogps", "UnpairedLogps", "UnpairedLossOutput",
     "BCOState", "F_DIVERGENCES", "f_divergence_scores", "paired_metrics", "unpaired_metrics",
