@@ -47,7 +47,10 @@ class Checkpointer:
                best_mode: str = "max", async_save: bool = True):
     self.directory = directory
     self.best_metric = best_metric
+    self._best_mode = best_mode
+    best_fn = (lambda m: float(m[best_metric])) if best_metric else None
     options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode=best_mode,  # writes metrics with each checkpoint
         preservation_policy=_policy(keep, best_metric, best_mode),
         enable_async_checkpointing=async_save, create=True)
     self._mngr = ocp.CheckpointManager(directory, options=options)
@@ -57,7 +60,18 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def best_step(self) -> Optional[int]:
-    return self._mngr.best_step() if self.best_metric else None
+    """Kept step with the best `best_metric` (None without metrics)."""
+    if not self.best_metric:
+      return None
+    scored = []
+    for step in self._mngr.all_steps():
+      m = self._mngr.metrics(step)
+      if m and self.best_metric in m:
+        scored.append((float(m[self.best_metric]), step))
+    if not scored:
+      return None
+    pick = max if self._best_mode == "max" else min
+    return pick(scored)[1]
 
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())

@@ -94,7 +94,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an override of a key the (locked) config lacks.
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    detail = str(e).encode().decode("unicode_escape").replace("\n", " ")
+    detail = detail.replace("'", "").strip('" ')
+    print(f"error: bad config override among {bad}: {detail}", file=sys.stderr)
+  sys.exit(2)
 
 
 def run() -> None:

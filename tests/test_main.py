@@ -1,0 +1,60 @@
+"""The CLI: config-key errors, unknown tasks and validation messages, without tracebacks."""
+import pytest
+
+from tests.train import loop_helpers as lh
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+  r = lh.run_main(str(tmp_path), ["--config.optim.learning_rat=1e-3"])
+  assert r.returncode != 0
+  assert "learning_rat" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_unknown_task_lists_tasks(tmp_path):
+  r = lh.run_main(str(tmp_path), ["--config.task=dpo_magic"])
+  assert r.returncode == 2
+  assert "unknown config.task 'dpo_magic'" in r.stderr and "preference" in r.stderr
+  assert "iterative_dpo" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validation_error_is_one_line(tmp_path):
+  r = lh.run_main(str(tmp_path), ["--config.data.batch_size=7"])
+  assert r.returncode == 2
+  assert "config.data.batch_size=7" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_workdir_is_a_usage_error():
+  r = lh.run_main("", [])
+  assert r.returncode != 0 and "workdir" in r.stderr
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"loss.name": "dpoo"}, "unknown config.loss.name 'dpoo'"),
+    ({"reference.mode": "none"}, "needs reference log-probs"),
+    ({"loss.name": "simpo", "reference.mode": "model"}, "reference-free"),
+    ({"optim.grad_accum_steps": 3}, "divisible by grad_accum_steps"),
+    ({"optim.schedule": "cosin"}, "optim.schedule"),
+    ({"mesh.fsdp": 3}, "config.mesh"),
+])
+def test_validate_messages(overrides, needle):
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from prefjax.train import validation  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config("runlocal")
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  with pytest.raises(validation.ConfigError, match=needle.replace("(", r"\(")):
+    validation.validate(c)
+
+
+def test_unknown_loss_hyperparameter_is_named():
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from prefjax.train import validation  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config("runlocal")
+  c.loss.simpo_gamma = 0.5  # not a DPO hyperparameter
+  with pytest.raises(validation.ConfigError, match="config.loss.simpo_gamma"):
+    validation.validate(c)
