@@ -20,7 +20,8 @@ from prefjax.eval.metrics import (accuracy, accuracy_drop, bootstrap_accuracy_ci
                                   id_ood_summary, length_bias, pair_metrics, reward_stats)
 from prefjax.eval.registry import EVAL_SETS, ID_SETS, OOD_SETS, default_shared_data_dir
 from prefjax.eval.runner import (ScoredPairs, SetResult, evaluate_and_report, evaluate_kinds,
-                                 evaluate_registered, evaluate_sets, pipeline_batches,
+                                 evaluate_registered, evaluate_sets, load_scores,
+                                 pipeline_batches, rerender,
                                  registry_sources, score_batches)
 from prefjax.eval.scoring import implicit_score_fn, reward_score_fn
 from prefjax.eval.report import write_report

@@ -378,6 +378,31 @@ def load_scores(path: Union[str, os.PathLike]) -> dict[str, dict[str, ScoredPair
   return {k: {n: ScoredPairs(**v) for n, v in sets.items()} for k, sets in out.items()}
 
 
+def rerender(scores_path: Union[str, os.PathLike], workdir: Union[str, os.PathLike], *,
+             tags: Optional[Mapping[str, str]] = None, ties: str = "half",
+             bootstrap: int = 1000, seed: int = 0, plots: bool = True,
+             meta: Optional[Mapping[str, Any]] = None) -> dict[str, pathlib.Path]:
+  """Recomputes metrics, report and plots from a saved `eval_scores.npz` (no model needed),
+  e.g. with another tie policy or other ID/OOD tags.
+
+  Returns:
+    {label: path} of the written files.
+  """
+  from prefjax.eval import report  # pylint: disable=import-outside-toplevel
+  loaded = load_scores(scores_path)
+  names = {n for sets in loaded.values() for n in sets}
+  tags = dict(registry.tags_for(names)) if tags is None else dict(tags)
+  results = {kind: {n: SetResult(n, tags.get(n), scored_metrics(sc, ties=ties,
+                                                                bootstrap=bootstrap, seed=seed), sc)
+                    for n, sc in sets.items()} for kind, sets in loaded.items()}
+  files = report.write_report(workdir, {k: {n: r.metrics for n, r in v.items()}
+                                        for k, v in results.items()}, tags=tags, meta=meta)
+  if plots:
+    from prefjax.eval import plots as plots_lib  # pylint: disable=import-outside-toplevel
+    files.update(plots_lib.write_eval_plots(workdir, results))
+  return files
+
+
 def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
                         eval_sets: Mapping[str, BatchSource], *, workdir: Union[str, os.PathLike],
                         batch_size: int, tags: Optional[Mapping[str, str]] = None,

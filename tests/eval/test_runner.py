@@ -123,6 +123,10 @@ def test_evaluate_and_report_writes_everything(tmp_path):
   np.testing.assert_array_equal(back["explicit"]["hh_helpful_base"].rejected_lengths, LR)
   for key in ("json", "markdown", "html"):
     assert out["files"][key].stat().st_size > 0
+  again = runner.rerender(out["files"]["scores"], tmp_path / "re", ties="exclude", bootstrap=0,
+                          plots=False)
+  ex2 = json.loads(again["json"].read_text())["models"]["explicit"]["sets"]
+  assert ex2["hh_helpful_base"]["accuracy"] == pytest.approx(4 / 6)  # the tie is dropped
 
 
 def test_registry_paths_resolution(tmp_path, monkeypatch):
