@@ -54,6 +54,7 @@ def generation_summary(records_by_policy: Mapping[str, Iterable[Record]]) -> dic
     {"policies": {name: {"mean", "std", "n"}}, "win_rate": {"b_vs_a": P(score_b > score_a)
     over shared prompts, ties 0.5}} (win rates for every ordered pair of policies).
   """
+  records_by_policy = {k: list(v) for k, v in records_by_policy.items()}  # iterated twice
   grouped = {k: by_prompt(v) for k, v in records_by_policy.items()}
   policies = {}
   for name, recs in records_by_policy.items():

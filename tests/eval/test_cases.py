@@ -28,7 +28,7 @@ def test_case_study_order_and_markdown():
 
 
 def test_summary_and_loading(tmp_path):
-  s = cases.generation_summary({"base": A, "dpo": B})
+  s = cases.generation_summary({"base": iter(A), "dpo": B})  # generators are fine
   assert s["policies"]["base"]["n"] == 5 and s["policies"]["dpo"]["mean"] == pytest.approx(2.5 / 3)
   assert s["win_rate"]["dpo_vs_base"] == pytest.approx(2 / 3)  # p1, p3 won, p2 lost
   assert s["win_rate"]["base_vs_dpo"] == pytest.approx(1 / 3)
