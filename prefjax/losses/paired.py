@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from prefjax.losses.types import Array, LossOutput, PairedLogps, require, to_f32
+from prefjax.losses.types import Array, LossOutput, PairedLogps, is_concrete, require, to_f32
 
 _REF = ("ref_chosen", "ref_rejected")
 _LENS = ("chosen_lengths", "rejected_lengths")
@@ -68,8 +68,8 @@ def f_divergence_scores(logratio: Array, f_divergence_type: str = "reverse_kl",
   if f_divergence_type == "js_divergence":
     return math.log(2.0) + jax.nn.log_sigmoid(logratio)
   if f_divergence_type == "alpha_divergence":
-    a = float(f_alpha_divergence_coef)
-    if abs(a - 1.0) < 1e-6:
+    a = f_alpha_divergence_coef
+    if is_concrete(a) and abs(a - 1.0) < 1e-6:
       return logratio
     t = jnp.minimum((a - 1.0) * logratio, 80.0)
     return (jnp.exp(t) - 1.0) / (a - 1.0)
@@ -174,12 +174,13 @@ def exo_pair(logps: PairedLogps, *, beta: float = 0.1, label_smoothing: float = 
   ε = `label_smoothing` must be > 0 (the paper recommends 1e-3, our default;
   TRL has no default and refuses 0).
   """
-  if not label_smoothing > 0.0:
+  if is_concrete(label_smoothing) and not label_smoothing > 0.0:
     raise ValueError("loss 'exo_pair' needs label_smoothing > 0 (EXO recommends 1e-3).")
   lp = _prepare(logps, "exo_pair")
   z = beta * _delta(lp, f_divergence_type, f_alpha_divergence_coef)
-  loss = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-label_smoothing))
-          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(label_smoothing)))
+  eps = jnp.asarray(label_smoothing, jnp.float32)
+  loss = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
+          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
   return _out(lp, loss, beta)
 
 
@@ -203,7 +204,7 @@ def robust(logps: PairedLogps, *, beta: float = 0.1, label_smoothing: float = 0.
   Unbiased under label flips with rate ε = `label_smoothing` ∈ [0, 0.5):
     loss = [−(1 − ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε).
   """
-  if not 0.0 <= label_smoothing < 0.5:
+  if is_concrete(label_smoothing) and not 0.0 <= label_smoothing < 0.5:
     raise ValueError("loss 'robust' needs 0 <= label_smoothing < 0.5.")
   lp = _prepare(logps, "robust")
   z = beta * _delta(lp, f_divergence_type, f_alpha_divergence_coef)

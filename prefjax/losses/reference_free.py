@@ -14,7 +14,7 @@ NLL terms come in three normalisations (`nll_normalization`):
 import jax
 import jax.numpy as jnp
 
-from prefjax.losses.types import Array, LossOutput, PairedLogps, require, to_f32
+from prefjax.losses.types import Array, LossOutput, PairedLogps, is_concrete, require, to_f32
 
 _LENS = ("chosen_lengths", "rejected_lengths")
 NLL_NORMALIZATIONS = ("batch", "example", "sum")
@@ -99,7 +99,7 @@ def cpo(logps: PairedLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0,
     sw, sl = _avg(lp)
   else:
     sw, sl = lp.chosen, lp.rejected
-  if alpha != 0.0:
+  if not is_concrete(alpha) or alpha != 0.0:  # a traced α must be non-zero
     sw, sl = (1.0 - jnp.exp(-alpha * sw)) / alpha, (1.0 - jnp.exp(-alpha * sl)) / alpha
   h = sw - sl
   if loss_type == "sigmoid":
@@ -110,7 +110,7 @@ def cpo(logps: PairedLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0,
     pref = jax.nn.relu(1.0 - beta * h)
   else:
     pref = (h - 1.0 / (2.0 * beta)) ** 2
-  if cpo_alpha != 0.0:
+  if not is_concrete(cpo_alpha) or cpo_alpha != 0.0:
     nll = chosen_nll(lp, nll_normalization, "cpo")
   else:
     nll = jnp.zeros_like(pref)

@@ -119,6 +119,13 @@ def to_f32(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
+def is_concrete(x: Any) -> bool:
+  """False for a value traced by jit/grad: hyperparameters may be traced
+  (e.g. a β schedule), so value checks and Python branches on them are
+  only done when they are concrete."""
+  return not isinstance(x, jax.core.Tracer)
+
+
 def require(obj: Any, fields: Sequence[str], loss_name: str) -> None:
   """Raises ValueError naming `loss_name` and the missing (None) fields."""
   missing = [f for f in fields if getattr(obj, f) is None]

@@ -1,4 +1,5 @@
 """Paired losses vs independent NumPy references written from the papers' formulas."""
+import inspect
 import math
 
 import jax
@@ -357,7 +358,9 @@ def dtype_results(case_outputs):
   lp16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lp)
   run = lambda p: [L.get(n)(p) for n in L.names()]
   eager = run(lp)
-  jitted = jax.jit(run)(lp)
+  # Jitted with β traced too (hyperparameters may be traced, e.g. a schedule).
+  betas = {n: inspect.signature(L.get(n)).parameters["beta"].default for n in L.names()}
+  jitted = jax.jit(lambda p, b: [L.get(n)(p, beta=b[n]) for n in L.names()])(lp, betas)
   out16 = run(lp16)
   exact16 = run(jax.tree.map(lambda x: x.astype(jnp.float32), lp16))
   return {n: (eager[i], jitted[i], out16[i], exact16[i]) for i, n in enumerate(L.names())}

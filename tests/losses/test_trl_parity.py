@@ -111,7 +111,7 @@ def trl_dpo(loss_type, tok, ref_tok, cmask, shift, *, beta=0.1, label_smoothing=
   loss = DPOTrainer._compute_loss(stub, _FakeCausalLM({T: lp}, log_sum_sq), inputs, False)
   loss.backward()
   metrics = {k: v[-1] for k, v in stub._metrics["train"].items()}
-  return float(loss), lp.grad.numpy(), metrics
+  return float(loss.detach()), lp.grad.numpy(), metrics
 
 
 DPO_CASES = [
@@ -231,7 +231,7 @@ def _trl_lm_loss(trainer_cls, seed, prompt_len, **attrs):
   model = lambda input_ids, **unused: types.SimpleNamespace(logits=lg)
   loss, metrics = trainer.get_batch_loss_metrics(model, batch)
   loss.backward()
-  return float(loss), lg.grad.numpy(), metrics, logits, labels
+  return float(loss.detach()), lg.grad.numpy(), metrics, logits, labels
 
 
 CPO_CASES = [
@@ -332,7 +332,7 @@ def test_kto_matches_trl(loss_type, kw):
     return jnp.mean(out.loss), (u, out)
 
   (loss, (u, out)), g = jax.value_and_grad(ours, has_aux=True)(jnp.asarray(tok.sum(1)))
-  np.testing.assert_allclose(loss, float(want), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, float(want.detach()), rtol=2e-5, atol=1e-6)
   # (TRL sums every position; the fake head's log-probs are 0 off the completion.)
   np.testing.assert_allclose(g[:, None] * cm[:, 1:], lp.grad.numpy() * cm[:, 1:], rtol=1e-4, atol=1e-7)
   m = L.unpaired_metrics(u, out)
@@ -363,7 +363,7 @@ def test_reward_trainer_matches_trl(margin, center):
                                         center_rewards_coefficient=center))
 
   loss, g = jax.value_and_grad(ours)(jnp.asarray(scores))
-  np.testing.assert_allclose(loss, float(want), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, float(want.detach()), rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(g, s.grad.numpy(), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(stub._metrics["train"]["accuracy"][-1],
                              np.mean(scores[:B] > scores[B:]), rtol=1e-6)
