@@ -199,7 +199,7 @@ def nca_pair(logps: PairedLogps, *, beta: float = 0.1) -> LossOutput:
 def robust(logps: PairedLogps, *, beta: float = 0.1, label_smoothing: float = 0.0,
            f_divergence_type: str = "reverse_kl",
            f_alpha_divergence_coef: float = 0.5) -> LossOutput:
-  """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", the rDPO loss of Sec. 3).
+  """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", the rDPO loss).
 
   Unbiased under label flips with rate ε = `label_smoothing` ∈ [0, 0.5):
     loss = [−(1 − ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε).
@@ -309,7 +309,7 @@ def discopop(logps: PairedLogps, *, beta: float = 0.1, discopop_tau: float = 0.0
 
 
 def rdpo(logps: PairedLogps, *, beta: float = 0.1, alpha: float = 0.01) -> LossOutput:
-  """R-DPO, length-regularised DPO (Park et al. 2024, "Disentangling Length from Quality", R-DPO objective of Sec. 4).
+  """R-DPO, length-regularised DPO (Park et al. 2024, "Disentangling Length from Quality in DPO", the R-DPO objective).
 
   The length penalty α|y| in the RLHF reward gives the implicit reward
   β·Δ_y + α|y|, hence

@@ -154,7 +154,7 @@ def orpo(logps: PairedLogps, *, beta: float = 0.1, lam: float | None = None,
 
 def rrhf(logps: PairedLogps, *, beta: float = 1.0, nll_weight: float = 1.0,
          nll_normalization: str = "example") -> LossOutput:
-  """RRHF for a pair (Yuan et al. 2023, "Rank Responses to align Human Feedback", Sec. 3).
+  """RRHF for a pair (Yuan et al. 2023, "Rank Responses to align Human Feedback", L = L_rank + L_ft).
 
   Scores are length-normalised log-probs p_y = log π(y|x)/|y|:
     L_rank = Σ_{r_i < r_j} max(0, p_i − p_j) = max(0, p_l − p_w) for a pair,

@@ -32,7 +32,7 @@ def to_paired(token_logps: TokenLogps) -> PairedLogps:
 
 
 def ld_paired(token_logps: TokenLogps, *, ld_alpha: float) -> PairedLogps:
-  """LD-DPO sequence log-probs (Liu et al. 2024, "Length Desensitization in DPO", Sec. 3).
+  """LD-DPO sequence log-probs (Liu et al. 2024, "Length Desensitization in DPO").
 
   With l_s = min(|y_w|, |y_l|), a response's log-prob is split into the first
   l_s response tokens (shared part) and the rest (the verbose tail), and
