@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,6 +177,16 @@ def test_sharded_init_matches_single_device():
   _, single = _params("tiny_gemma")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                sharded, single)
+  # Sharded forward (batch over data x fsdp, logical constraints active) == single device.
+  toks, segs, pos = (np.tile(x, (4, 1)) for x in _row(_seq(T, 11)))
+  toks[1:, 3] = 7
+  ref = _logits(cfg, single, toks, segs, pos)
+  batch = [jax.device_put(x, sharding.batch_sharding(mesh, 2)) for x in (toks, segs, pos)]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
+    out = jax.jit(models.forward, static_argnums=0, compiler_options=O0)(
+        cfg, sharded, batch[0], segment_ids=batch[1], positions=batch[2])
+  assert out.sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
 
 def assert_eq(a, b):
