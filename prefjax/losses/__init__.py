@@ -18,7 +18,8 @@ Batch-level losses (whose loss[i] is not a function of pair i alone): `aot`,
 nll_normalization="batch". Under data parallelism they need the whole batch
 (jit over a sharded global array does that).
 """
-from typing import Callable
+import inspect
+from typing import Callable, Sequence
 
 from prefjax.losses.metrics import paired_metrics, unpaired_metrics
 from prefjax.losses.paired import (
@@ -95,6 +96,29 @@ def get(name: str) -> Callable[..., LossOutput]:
   return _lookup(LOSSES, name, "paired")
 
 
+def combine(logps: PairedLogps, loss_types: Sequence[str],
+            loss_weights: Sequence[float] | None = None, **hyperparams) -> LossOutput:
+  """Weighted sum of paired losses: TRL's `loss_type=[...]` with `loss_weights`.
+
+  E.g. MPO (Wang et al. 2024, "Mixed Preference Optimization"):
+  `combine(logps, ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], beta=0.1)`.
+  Each loss gets the hyperparameters its signature accepts (as TRL shares one
+  config across loss types). loss = Σ_k w_k·loss_k [B]; rewards are the first
+  loss's; aux holds each term under its name.
+  """
+  weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+  if len(weights) != len(loss_types) or not loss_types:
+    raise ValueError(f"need one weight per loss type, got {loss_types} and {weights}")
+  outs = []
+  for name in loss_types:
+    fn = get(name)
+    accepted = inspect.signature(fn).parameters
+    outs.append(fn(logps, **{k: v for k, v in hyperparams.items() if k in accepted}))
+  loss = sum(w * o.loss for w, o in zip(weights, outs))
+  aux = {name: o.loss for name, o in zip(loss_types, outs)}
+  return LossOutput(loss, outs[0].chosen_rewards, outs[0].rejected_rewards, aux=aux)
+
+
 def token_level_names() -> list[str]:
   """Sorted names of the token-level losses (inputs: `TokenLogps`)."""
   return sorted(TOKEN_LEVEL_LOSSES)
@@ -116,7 +140,7 @@ def get_unpaired(name: str) -> Callable[..., UnpairedLossOutput]:
 
 
 __all__ = [
-    "dpo", "LOSSES", "TOKEN_LEVEL_LOSSES", "UNPAIRED_LOSSES", "names", "get",
+    "dpo", "combine", "LOSSES", "TOKEN_LEVEL_LOSSES", "UNPAIRED_LOSSES", "names", "get",
     "token_level_names", "get_token_level", "unpaired_names", "get_unpaired",
     "PairedLogps", "LossOutput", "TokenLogps", "UnpairedLogps", "UnpairedLossOutput",
     "BCOState", "F_DIVERGENCES", "f_divergence_scores", "paired_metrics", "unpaired_metrics",

@@ -41,7 +41,7 @@ def _out(lp: PairedLogps, loss: Array, beta: float, **aux) -> LossOutput:
 
 def f_divergence_scores(logratio: Array, f_divergence_type: str = "reverse_kl",
                         f_alpha_divergence_coef: float = 0.5) -> Array:
-  """f'(π_θ/π_ref) for f-DPO (Wang et al. 2023, "Beyond Reverse KL", Thm. 1).
+  """f'(π_θ/π_ref) for f-DPO (Wang et al. 2023, "Beyond Reverse KL", f-DPO objective and its table of f').
 
   f-DPO replaces the log-ratio inside the DPO loss by f'(u), u = π_θ/π_ref:
     reverse_kl: f'(u) = log u (standard DPO);

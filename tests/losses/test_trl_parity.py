@@ -88,7 +88,7 @@ def _token_logps(tok, ref_tok, shift):
 
 def trl_dpo(loss_type, tok, ref_tok, cmask, shift, *, beta=0.1, label_smoothing=0.0,
             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
-            ld_alpha=None, use_weighting=False, log_sum_sq=None):
+            ld_alpha=None, use_weighting=False, log_sum_sq=None, loss_weights=None):
   """TRL's DPO loss, its gradient wrt the per-token log-probs, and logged metrics."""
   lp = torch.tensor(tok, requires_grad=True)
   # TRL's ld_alpha path sums the reference tokens itself; give it precomputed
@@ -98,8 +98,9 @@ def trl_dpo(loss_type, tok, ref_tok, cmask, shift, *, beta=0.1, label_smoothing=
     ref_seq = np.asarray(L.ld_paired(_token_logps(tok, ref_tok, shift), ld_alpha=ld_alpha).ref_chosen)
     ref_seq = np.concatenate([ref_seq, np.asarray(
         L.ld_paired(_token_logps(tok, ref_tok, shift), ld_alpha=ld_alpha).ref_rejected)])
-  stub = _stub(beta=beta, label_smoothing=label_smoothing, loss_types=[loss_type],
-               loss_weights=[1.0], f_divergence_type=f_divergence_type,
+  types_ = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+  stub = _stub(beta=beta, label_smoothing=label_smoothing, loss_types=types_,
+               loss_weights=loss_weights or [1.0] * len(types_), f_divergence_type=f_divergence_type,
                f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
                use_weighting=use_weighting, precompute_ref_logps=True,
                args=types.SimpleNamespace(discopop_tau=discopop_tau))
@@ -183,6 +184,23 @@ def test_wpo_weighting_matches_trl(name):
 
   loss, grad = jax.value_and_grad(ours)(jnp.asarray(tok))
   np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(grad * shift, want_grad * shift, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("types_,weights,kw", [
+    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], {}),  # MPO
+    (["robust", "apo_zero"], None, dict(label_smoothing=0.1, beta=0.3)),
+])
+def test_multi_loss_matches_trl(types_, weights, kw):
+  tok, ref_tok, cmask, shift = _token_inputs(seed=9)
+  want_loss, want_grad, _ = trl_dpo(types_, tok, ref_tok, cmask, shift, loss_weights=weights, **kw)
+
+  def ours(t):
+    lp = L.to_paired(_token_logps(t, ref_tok, shift))
+    return jnp.mean(L.combine(lp, types_, weights, **kw).loss)
+
+  loss, grad = jax.value_and_grad(ours)(jnp.asarray(tok))
+  np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(grad * shift, want_grad * shift, rtol=1e-4, atol=1e-7)
 
 
