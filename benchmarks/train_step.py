@@ -1,0 +1,194 @@
+r"""Train-step benchmark: steady-state step time, real tokens/s, MFU, peak RSS, compile time.
+
+For a model preset and a set of task variants (dpo with a live reference model, dpo with
+precomputed reference log-probs, simpo, reward) and layouts (padded, packed), builds the same
+jitted step the trainer uses (`prefjax.train.step.jit_train_step`) on synthetic batches
+shaped like real preference data (prompt P tokens, responses of random length in [Rmin, Rmax]),
+and prints one JSON object per configuration. Times are medians of `--steps` timed steps
+after `--warmup` steps. MFU = model FLOPs / step time / `--peak-flops` (default: 180e9, the
+measured float32 matmul peak of the 2-vCPU dev machine, see benchmarks/peak.py).
+
+  python benchmarks/train_step.py --preset bench_46m --tasks dpo,dpo_precomputed,simpo,reward \
+      --layouts padded,packed --batch 8 --prompt-len 64 --min-response 64 --max-response 192
+  python benchmarks/train_step.py --tiny        # seconds: tiny model, for smoke tests
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+TASKS = {  # name -> (task, loss, reference mode)
+    "dpo": ("preference", "dpo", "model"),
+    "dpo_precomputed": ("preference", "dpo", "precomputed"),
+    "simpo": ("preference", "simpo", "none"),
+    "reward": ("reward", "bradley_terry", "none"),
+}
+
+
+def _seq(rng, prompt_len, lo, hi, vocab):
+  n = prompt_len + int(rng.integers(lo, hi + 1))
+  toks = rng.integers(3, vocab, n).astype(np.int32)
+  mask = np.zeros(n, np.float32)
+  mask[prompt_len - 1:n - 1] = 1.0
+  return toks, mask
+
+
+def padded_batch(args, vocab, seed=0) -> dict[str, np.ndarray]:
+  """[B, 2, L] pairs, L = prompt + max response."""
+  rng = np.random.default_rng(seed)
+  b, length = args.batch, args.prompt_len + args.max_response
+  out = {k: np.zeros((b, 2, length), np.float32 if k == "loss_mask" else np.int32)
+         for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+  for i in range(b):
+    for j in range(2):
+      t, m = _seq(rng, args.prompt_len, args.min_response, args.max_response, vocab)
+      n = len(t)
+      out["tokens"][i, j, :n] = t
+      out["targets"][i, j, :n - 1] = t[1:]
+      out["loss_mask"][i, j, :n] = m
+      out["positions"][i, j, :n] = np.arange(n)
+      out["segment_ids"][i, j, :n] = 1
+  return out
+
+
+def packed_batch(args, vocab, seed=0) -> dict[str, np.ndarray]:
+  """The same pairs packed first-fit into rows of L = 2 (prompt + max response) tokens."""
+  rng = np.random.default_rng(seed)
+  length, s_max = 2 * (args.prompt_len + args.max_response), 4
+  rows: list[list] = []
+  for _ in range(args.batch):
+    pair = [_seq(rng, args.prompt_len, args.min_response, args.max_response, vocab)
+            for _ in range(2)]
+    size = sum(len(t) for t, _ in pair)
+    for r in rows:
+      if r[0] + size <= length and len(r[1]) < s_max:
+        r[0] += size
+        r[1].append(pair)
+        break
+    else:
+      rows.append([size, [pair]])
+  n_rows = len(rows)
+  out = {k: np.zeros((n_rows, length), np.float32 if k == "loss_mask" else np.int32)
+         for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+  out["pair_mask"] = np.zeros((n_rows, s_max), np.float32)
+  for r, (_, pairs) in enumerate(rows):
+    at = 0
+    for p, pair in enumerate(pairs):
+      out["pair_mask"][r, p] = 1
+      for k, (t, m) in enumerate(pair):
+        n = len(t)
+        out["tokens"][r, at:at + n] = t
+        out["targets"][r, at:at + n - 1] = t[1:]
+        out["loss_mask"][r, at:at + n] = m
+        out["positions"][r, at:at + n] = np.arange(n)
+        out["segment_ids"][r, at:at + n] = 2 * p + k + 1
+        at += n
+  return out
+
+
+def model_flops(n_params: int, n_embed: int, tokens: int, task_ref: str) -> float:
+  """6·N·T for the policy's forward+backward (non-embedding N plus the tied LM head) and
+  2·N·T for a live reference forward."""
+  del n_embed  # the embedding lookup is free but the tied LM head is a [D, V] matmul per token
+  flops = 6.0 * n_params * tokens
+  if task_ref == "model":
+    flops += 2.0 * n_params * tokens
+  return flops
+
+
+def bench_one(args, name: str, layout: str) -> dict[str, Any]:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from prefjax import models, sharding  # pylint: disable=g-import-not-at-top
+  from prefjax.train import optimizer, state as state_lib, step as step_lib, tasks  # pylint: disable=g-import-not-at-top
+  task, loss, ref_mode = TASKS[name]
+  cfg = models.get_config(args.preset, dtype=args.dtype, remat=args.remat,
+                          num_reward_heads=1 if task == "reward" else 0)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  rules = sharding.LOGICAL_AXIS_RULES
+  loss_cfg = ml_collections.ConfigDict({"name": loss, "beta": 0.1} if task != "reward"
+                                       else {"name": loss})
+  optim = ml_collections.ConfigDict(dict(learning_rate=1e-5, schedule="constant",
+                                         warmup_steps=0, weight_decay=0.0, grad_clip=1.0))
+  batch = (packed_batch if layout == "packed" else padded_batch)(args, cfg.vocab_size)
+  if ref_mode == "precomputed":
+    lead = batch["tokens"].shape[0]
+    batch["ref_logps"] = np.full((lead, 4, 2) if layout == "packed" else (lead, 2), -50.0,
+                                 np.float32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    t_obj = tasks.make_task(task, model_cfg=cfg, layout=layout, loss_config=loss_cfg,
+                            ref_mode=ref_mode, chunk_size=args.chunk)
+    tx, sched = optimizer.make_optimizer(optim, 1000)
+    psh = models.param_shardings(cfg, mesh, rules)
+    params = models.init_params(cfg, jax.random.PRNGKey(0), mesh=mesh, rules=rules)
+    ref = params if ref_mode == "model" else None
+    ssh = state_lib.state_shardings(tx, models.abstract_params(cfg), psh, mesh, ref is not None)
+    st = state_lib.create_state(params, tx, ssh, ref, 0)
+    gb = sharding.make_global_batch(batch, mesh)
+    fn = step_lib.jit_train_step(t_obj, tx, sched, ssh, step_lib.batch_shardings(gb, mesh),
+                                 mesh)
+    t0 = time.perf_counter()
+    compiled = fn.lower(st, gb).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.warmup + args.steps):
+      t0 = time.perf_counter()
+      st, m = compiled(st, gb)
+      jax.block_until_ready(m["loss"])
+      if i >= args.warmup:
+        times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  real = int((batch["segment_ids"] > 0).sum())
+  n_params = models.count_params(params)
+  n_embed = cfg.vocab_size * cfg.embed_dim
+  flops = model_flops(n_params, n_embed, real, ref_mode)
+  return {"preset": args.preset, "task": name, "layout": layout, "dtype": args.dtype,
+          "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
+          "padded_tokens": int(batch["tokens"].size), "real_tokens": real,
+          "params": n_params, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
+          "step_s_min": round(min(times), 4), "real_tokens_per_s": round(real / step_s, 1),
+          "model_tflops_per_step": round(flops / 1e12, 4),
+          "mfu": round(flops / step_s / args.peak_flops, 4), "peak_flops": args.peak_flops,
+          "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+          "devices": jax.device_count(), "loss": float(m["loss"])}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description="prefjax train-step benchmark (JSON lines)")
+  p.add_argument("--preset", default="bench_46m")
+  p.add_argument("--tasks", default="dpo,dpo_precomputed,simpo,reward")
+  p.add_argument("--layouts", default="padded,packed")
+  p.add_argument("--batch", type=int, default=8, help="pairs per step")
+  p.add_argument("--prompt-len", type=int, default=64)
+  p.add_argument("--min-response", type=int, default=64)
+  p.add_argument("--max-response", type=int, default=192)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--remat", default="none")
+  p.add_argument("--chunk", type=int, default=128, help="log-prob chunk size")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--peak-flops", type=float, default=180e9)
+  p.add_argument("--tiny", action="store_true", help="tiny_gemma, short sequences")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.preset, args.prompt_len, args.min_response, args.max_response = "tiny_gemma", 8, 4, 8
+    args.steps, args.batch = 2, 4
+  for name in args.tasks.split(","):
+    for layout in args.layouts.split(","):
+      # A fresh process per config would isolate peak RSS; here it is cumulative (max so far).
+      print(json.dumps(bench_one(args, name, layout)), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
