@@ -1,5 +1,25 @@
-"""Gemma-family decoders (Gemma 1/2/3, Llama 3, Mistral as configurations), reward heads,
-checkpoint import/export and a KV-cache sampler. See docs/internals.md for the contracts."""
+"""Gemma-family decoders (Gemma 1/2/3, Llama 3, Mistral as configurations of one Linen code
+path), reward heads, checkpoint import/export and a KV-cache sampler (docs/internals.md).
+
+  cfg = models.get_config("gemma2_2b", dtype="bfloat16", remat="full", scan_layers=True)
+  params = models.init_params(cfg, rng, mesh=mesh, rules=rules)    # sharded straight into place
+  logits = models.forward(cfg, params, tokens)                     # [B,T,V] float32
+  hidden = models.forward_hidden(cfg, params, tokens, segment_ids=..., positions=...,
+                                 branch_ids=...)                   # [B,T,D] cfg.dtype
+  w = models.unembedding(cfg, params)                              # [V,D]
+  scores = models.reward_scores(rcfg, rparams, hidden)             # [B,T,R] float32
+  rcfg, rparams = models.reward_model_from_policy(cfg, params, rng, num_reward_heads=1)
+  cfg, params = models.load_hf_checkpoint(path, mesh=None)         # HF safetensors dir
+  models.save_hf_checkpoint(cfg, params, path, max_shard_size="5GB")
+  cfg, params = models.load_flax_gemma_checkpoint(path, "gemma_7b")  # official Orbax release
+  out = models.sample(cfg, params, prompts, lengths, rng, max_new_tokens=64, temperature=0.7,
+                      top_p=0.95, stop_tokens=[eos])               # right-padded prompts
+
+Params keep the official Flax Gemma names (`embedder/input_embedding`, `layer_{i}/attn/...`,
+`final_norm/scale`); untied LMs add `lm_head/w` [V, D]; reward models `reward_head/{w,b}`.
+With `scan_layers=True` the repeats of `attention_pattern` are stacked under `layers`
+(`stack_layers` / `unstack_layers` convert); checkpoint I/O converts automatically.
+"""
 from prefjax.models.api import (
     abstract_params,
     count_params,

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,14 +62,20 @@ def init_params(cfg: ModelConfig, rng: Any, *, mesh: Mesh | None = None,
   no unsharded copy is ever materialised (big_vision / flax lm1b pattern).
   """
   rng = _as_key(rng)
-  init = lambda r: nn.meta.unbox(_boxed_init(cfg, r))  # noqa: E731
-  opts = _init_compiler_options()
   if mesh is None:
-    return jax.jit(init, compiler_options=opts)(rng)
+    return _jitted_init(cfg)(rng)
   rules = rules or sharding.LOGICAL_AXIS_RULES
   shardings = param_shardings(cfg, mesh, rules)
+  init = lambda r: nn.meta.unbox(_boxed_init(cfg, r))  # noqa: E731
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    return jax.jit(init, out_shardings=shardings, compiler_options=opts)(rng)
+    return jax.jit(init, out_shardings=shardings, compiler_options=_init_compiler_options())(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: ModelConfig) -> Any:
+  """Single-device init, compiled once per config."""
+  return jax.jit(lambda r: nn.meta.unbox(_boxed_init(cfg, r)),
+                 compiler_options=_init_compiler_options())
 
 
 def _inputs(tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None,

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prefjax import models, sharding
+from prefjax.models import api
 
 T = 16
 # Tiny models: LLVM optimisation only slows compilation down here.
@@ -106,9 +107,10 @@ def test_packed_row_equals_separate_forwards():
   np.testing.assert_allclose(packed[0, :5], only_a[0, :5], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(packed[0, 5:14], only_b[0, :9], rtol=1e-5, atol=1e-5)
   # Default positions restart at each segment.
-  toks, segs, _ = _row(a, b)
-  default = np.asarray(fwd(cfg, params, jnp.asarray(toks), segment_ids=jnp.asarray(segs)))
-  np.testing.assert_allclose(default[0, :14], packed[0, :14], rtol=1e-5, atol=1e-5)
+  toks, segs, pos = _row(a, b)
+  np.testing.assert_array_equal(
+      np.asarray(models.transformer.positions_from_segments(jnp.asarray(segs)))[:, :14],
+      pos[:, :14])
 
 
 def test_sliding_window_mask():
@@ -144,9 +146,9 @@ def test_prompt_sharing_branches_equal_separate_forwards():
   pr = _logits(cfg, params, *_row(np.concatenate([prompt, rejected])))
   np.testing.assert_allclose(shared[0, :7], pc[0, :7], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(shared[0, 7:12], pr[0, 4:9], rtol=1e-5, atol=1e-5)
-  default = np.asarray(fwd(cfg, params, jnp.asarray(toks), segment_ids=jnp.asarray(segs),
-                           branch_ids=jnp.asarray(br)))
-  np.testing.assert_allclose(default[0, :12], shared[0, :12], rtol=1e-5, atol=1e-5)
+  # Default positions with branches: prompt, then each branch continues from the prompt.
+  _, default_pos = api._inputs(jnp.asarray(toks), jnp.asarray(segs), None, jnp.asarray(br))
+  np.testing.assert_array_equal(np.asarray(default_pos)[0, :12], pos[0, :12])
 
 
 def test_hidden_plus_unembedding_equals_forward():
