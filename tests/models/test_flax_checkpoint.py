@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from prefjax import models
+from prefjax import models, sharding
 from prefjax.models.flax_checkpoint import flatten_for_release, nest_params
 
 ocp = pytest.importorskip("orbax.checkpoint")
@@ -25,6 +25,13 @@ def test_load_release_layout(tmp_path):
   scfg, stacked = models.load_flax_gemma_checkpoint(tmp_path / "ckpt", "tiny_gemma",
                                                     scan_layers=True)
   assert stacked["layers"]["attn"]["q_einsum"]["w"].shape == (2, 4, 32, 8)
+  # Restored straight into the target shardings on a (2, 2, 2) mesh.
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  _, placed = models.load_flax_gemma_checkpoint(tmp_path / "ckpt", "tiny_gemma", mesh=mesh)
+  jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding == s, True), placed,
+               models.param_shardings(cfg, mesh))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               placed, params)
   with pytest.raises(ValueError, match=r"layer_0/attn/qkv_einsum/w is missing"):
     models.load_flax_gemma_checkpoint(tmp_path / "ckpt", "tiny_gemma_mha")
 
