@@ -75,6 +75,11 @@ def test_bf16_checkpoint_and_sharded_load(tmp_path):
   # scan_layers import stacks the layers.
   scfg, stacked = models.load_hf_checkpoint(tmp_path / "hf", scan_layers=True)
   assert scfg.scan_layers and stacked["layers"]["layer_0"]["mlp"]["linear"].shape[0] == 1
+  # Export from the scanned layout, in bfloat16, re-import: the same (bf16-exact) values.
+  models.save_hf_checkpoint(scfg, stacked, tmp_path / "scan_out", dtype="bfloat16")
+  _, again = models.load_hf_checkpoint(tmp_path / "scan_out")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               again, params)
 
 
 def test_clear_errors(tmp_path):
