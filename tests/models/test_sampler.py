@@ -55,11 +55,18 @@ def test_greedy_equals_full_forward_argmax_and_stop_tokens():
 
 
 def test_sampling_filters():
-  cfg, params = _model()
-  greedy = models.sample(cfg, params, PROMPTS, LENGTHS, max_new_tokens=NEW)
-  top1 = models.sample(cfg, params, PROMPTS, LENGTHS, jax.random.key(1), max_new_tokens=NEW,
-                       temperature=0.7, top_k=1, top_p=0.9)
-  np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(greedy.tokens))
+  logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32)
+
+  @functools.partial(jax.jit, compiler_options=O0)
+  def draw(keys):
+    pick = lambda k, kk, p: sampler.choose(logits, k, temperature=0.7, top_k=kk, top_p=p)  # noqa: E731
+    return jax.vmap(lambda k: pick(k, 1, 0.9))(keys), jax.vmap(lambda k: pick(k, 3, 1.0))(keys)
+
+  top1, draws = draw(jax.random.split(jax.random.key(2), 64))
+  np.testing.assert_array_equal(np.asarray(top1), np.tile(np.argmax(logits, -1), (64, 1)))
+  top3 = np.argsort(-logits, axis=-1)[:, :3]
+  assert all(np.isin(np.asarray(draws)[:, b], top3[b]).all() for b in range(4))
+  assert len(np.unique(np.asarray(draws)[:, 0])) > 1  # really stochastic
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(sampler.filter_logits(logits, temperature=1.0, top_p=0.7)))
   np.testing.assert_array_equal(kept, [[True, True, False, False]])
