@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
+  c.train.logps_implementation = None  # custom_vjp | checkpoint | None: ops default
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
   c.train.debug_signal_at_step = 0  # testing: send debug_signal to this process after step N (0 off)
   c.train.debug_signal = "SIGKILL"  # testing: SIGKILL (crash) or SIGTERM (preemption)

@@ -81,41 +81,47 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
   kind = init_kind(path)
   if kind == "workdir":
     from prefjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    cfg = model_config(model, task=task)
+    cfg = model_config(model, task=source_task(path, task))
     sh = models.param_shardings(cfg, mesh, rules)
     abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
                             models.abstract_params(cfg), sh)
     ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
     try:
-      return cfg, ckpt.restore_params(None, abstract)
+      params = ckpt.restore_params(None, abstract)
     finally:
       ckpt.close()
+    return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
+  runtime = {k: model.get(k) for k in ("dtype", "param_dtype", "remat", "scan_layers")
+             if model.get(k) is not None}
   if kind == "hf":
-    base, params = models.load_hf_checkpoint(path)
+    cfg, params = models.load_hf_checkpoint(path, mesh=mesh, rules=rules, **runtime)
   else:
-    loader = getattr(models, "load_flax_checkpoint", None) or getattr(
-        models, "load_gemma_checkpoint", None)
-    if loader is None:
-      raise ValueError(f"model.init={path!r} is neither a Hugging Face dir (config.json) nor a "
-                       "prefjax workdir (checkpoints/); this build has no Flax Gemma loader")
-    base, params = loader(path)
-  cfg = model_config(model, task=task, base=base)
-  params = add_missing_leaves(cfg, params, mesh, rules)
-  return cfg, jax.device_put(params, models.param_shardings(cfg, mesh, rules))
+    cfg, params = models.load_flax_gemma_checkpoint(path, model.preset, mesh=mesh, rules=rules,
+                                                    **runtime)
+  return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
 
 
-def add_missing_leaves(cfg: Any, params: Any, mesh: Mesh, rules: Any) -> Any:
-  """Fills leaves absent from a loaded checkpoint (e.g. a new reward head) from a fresh init."""
-  want = models.abstract_params(cfg)
-  if jax.tree.structure(want) == jax.tree.structure(params):
-    return params
-  fresh = models.init_params(cfg, jax.random.PRNGKey(0), mesh=mesh, rules=rules)
-  def merge(a, b):
-    if isinstance(a, dict):
-      return {k: merge(a[k], b.get(k) if isinstance(b, dict) else None) for k in a}
-    return a if b is None else b
-  logging.info("model.init lacks some parameters (e.g. reward_head); initialised them fresh")
-  return merge(fresh, params)
+def source_task(workdir: str, default: str) -> str:
+  """The task a prefjax workdir was trained for (from its config.json)."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return default
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("task", default)
+
+
+def adapt_head(cfg: Any, params: Any, *, task: str, model: Any, mesh: Mesh, rules: Any
+               ) -> tuple[Any, Any]:
+  """A reward model from a policy checkpoint gets a fresh reward head (and vice versa)."""
+  if task == "reward" and not cfg.num_reward_heads:
+    logging.info("model.init is a language model: adding a fresh reward head")
+    return models.reward_model_from_policy(
+        cfg, params, jax.random.PRNGKey(0), num_reward_heads=int(model.get(
+            "num_reward_heads") or 1), mesh=mesh, rules=rules)
+  if task != "reward" and cfg.num_reward_heads:
+    raise ValueError(f"model.init holds a reward model; task {task!r} needs a language model")
+  return cfg, params
 
 
 def init_params(config: Any, model_cfg: Any, mesh: Mesh, rules: Any) -> Any:

@@ -15,7 +15,8 @@ def export(config: Any, workdir: str) -> str:
   """Restores `params` of the latest (or `export.step`) checkpoint and saves them as HF."""
   src = config.export.get("from_workdir") or workdir
   out = config.export.get("output_dir") or os.path.join(workdir, "hf_export")
-  trained_task = _trained_task(src, config)
+  trained_task = builders.source_task(
+      src, "reward" if config.model.get("num_reward_heads") else "preference")
   mesh, rules = builders.make_mesh(config)
   cfg = builders.model_config(config.model, task=trained_task)
   sh = models.param_shardings(cfg, mesh, rules)
@@ -33,13 +34,3 @@ def export(config: Any, workdir: str) -> str:
   if jax.process_index() == 0:
     save(cfg, jax.device_get(params), out)
   return out
-
-
-def _trained_task(src: str, config: Any) -> str:
-  """The task the source run trained (from its config.json), for the model's head."""
-  import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(src, "config.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f).get("task", "preference")
-  return "reward" if config.model.get("num_reward_heads") else "preference"

@@ -89,6 +89,8 @@ class Trainer:
     self.task_name = config.task
     self.ref_mode = config.reference.mode if self.task_name in ("preference", "kto") else "none"
     self.layout = data_io.layout(config)
+    self.head = tasks_lib.HeadOptions(int(config.train.logps_chunk_size),
+                                      config.train.get("logps_implementation") or None)
     self.ckpt = None
     self.writer = None
     self.eval_fn = None
@@ -103,7 +105,7 @@ class Trainer:
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, self.total_steps)
     self.task = tasks_lib.make_task(
         self.task_name, model_cfg=self.model_cfg, layout=self.layout, loss_config=config.loss,
-        ref_mode=self.ref_mode, chunk_size=int(config.train.logps_chunk_size))
+        ref_mode=self.ref_mode, chunk_size=self.head)
     has_ref = self.ref_mode == "model"
     self.state_sh = state_lib.state_shardings(self.tx, self.abstract_params, self.param_sh,
                                               mesh, has_ref)
@@ -161,8 +163,7 @@ class Trainer:
     """One pass of the reference over the train (and eval) batches, into the cache."""
     c = self.config
     self.ref_cache = data_io.ref_cache(c, self.workdir).load()
-    fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, int(c.train.logps_chunk_size),
-                             self.param_sh, self.mesh)
+    fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, self.head, self.param_sh, self.mesh)
     start = self.train_iter.get_state()
     ref_lib.precompute(self.ref_cache, fn, ref_params, self.train_iter, self.mesh,
                        num_batches=self.total_steps)

@@ -84,12 +84,33 @@ def forward(model_cfg: Any, params: Any, rows: dict[str, jax.Array]) -> jax.Arra
   return models.forward_hidden(model_cfg, params, rows["tokens"], **kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadOptions:
+  """How the vocabulary head computes log-probs (`ops.token_logps_from_hidden`).
+
+  Attributes:
+    chunk_size: positions per chunk.
+    implementation: "custom_vjp" | "checkpoint" | None (the ops default).
+  """
+  chunk_size: int = 128
+  implementation: Optional[str] = None
+
+
+def _head(chunk_size: Any) -> HeadOptions:
+  return chunk_size if isinstance(chunk_size, HeadOptions) else HeadOptions(int(chunk_size))
+
+
 def token_logps(model_cfg: Any, params: Any, hidden: jax.Array, targets: jax.Array,
-                chunk_size: int) -> jax.Array:
-  """Per-token log-probs [R, L] f32 of `targets`, chunked over the vocabulary head."""
+                chunk_size: Any) -> jax.Array:
+  """Per-token log-probs [R, L] f32 of `targets`, chunked over the vocabulary head.
+
+  `chunk_size` is an int or a `HeadOptions`.
+  """
+  head = _head(chunk_size)
+  kw = {"implementation": head.implementation} if head.implementation else {}
   return ops.token_logps_from_hidden(
-      hidden, models.unembedding(model_cfg, params), targets, chunk_size=chunk_size,
-      logit_softcap=model_cfg.final_logit_softcap)
+      hidden, models.unembedding(model_cfg, params), targets, chunk_size=head.chunk_size,
+      logit_softcap=model_cfg.final_logit_softcap, **kw)
 
 
 def sequence_logps(model_cfg: Any, params: Any, rows: dict[str, jax.Array], seq_ids: jax.Array,

@@ -71,3 +71,23 @@ def test_unwritable_workdir_fails_before_training(tmp_path, data_path):
   r = lh.run_main(str(blocker / "run"), lh.overrides(data_path))
   assert r.returncode == 2
   assert "not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_writes_hf_checkpoint(tmp_path, data_path, uninterrupted):
+  out = tmp_path / "hf"
+  r = lh.run_main(str(tmp_path / "exp"), lh.overrides(data_path, **{
+      "task": "export", "export.from_workdir": uninterrupted, "export.output_dir": str(out)}))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (out / "config.json").exists()
+  assert any(p.suffix == ".safetensors" for p in out.iterdir())
+
+
+def test_precomputed_reference_matches_live_reference(tmp_path, data_path, uninterrupted):
+  wd = str(tmp_path / "pre")
+  r = lh.run_main(wd, lh.overrides(data_path, **{"reference.mode": "precomputed",
+                                                 "total_steps": 3, "eval.every_steps": 0}))
+  assert r.returncode == 0, r.stderr[-3000:]
+  live, pre = lh.losses(uninterrupted), lh.losses(wd)
+  np.testing.assert_allclose([pre[s] for s in (1, 2, 3)], [live[s] for s in (1, 2, 3)],
+                             rtol=2e-5, atol=1e-6)
+  assert os.listdir(os.path.join(wd, "ref_logps"))
