@@ -15,15 +15,19 @@ their mean w.r.t. hidden [B, T, D] and unembedding [V, D], the training case):
     executable (temp + argument + output bytes). It is timed at `time_batch`,
     the largest batch whose compiled footprint fits `--mem-budget-gb`.
   * chunked: `prefjax.ops.token_logps_from_hidden` (custom VJP, chunks of
-    `--chunk` positions, vocabulary blocks of `--vocab-chunk`). Run for real at
-    the full batch (memory_analysis + peak RSS + time) and at `time_batch`
-    (for the same-batch time comparison with naive).
+    `--chunk` positions, vocabulary blocks of `--vocab-chunk`). Compiled at the
+    full batch (memory_analysis), executed there only with `--full-run`
+    (value_and_grad at B=8 is ~34 TFLOP: tens of minutes on 2 shared CPU
+    cores), and executed at `time_batch` for the same-batch time comparison
+    with naive, with `--time-chunk` positions per chunk (default: as many
+    tokens per chunk as at the full batch, so the same scratch memory).
   * `--tune-chunks`: compiled memory of other chunk sizes (time too with
     `--tune-time`, at `time_batch`).
 
 Time is the median of `--repeats` runs after `--warmup` runs of the
-ahead-of-time compiled executable; the full-batch chunked runs use
-`--full-repeats` runs and no warm-up (one run takes minutes on a CPU).
+ahead-of-time compiled executable (wall and process CPU seconds; CPU seconds
+are the steadier number when other jobs share the cores); the full-batch
+chunked runs use `--full-repeats` runs and no warm-up.
 """
 from __future__ import annotations
 
@@ -92,12 +96,23 @@ def _inputs(cfg):
   return make(jax.random.key(0))
 
 
-def _rss_bytes():
+def _status_bytes(field):
+  """VmRSS / VmHWM (peak RSS) of this process from /proc/self/status, in bytes."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024
   return None
+
+
+def _reset_peak_rss():
+  """Resets VmHWM to the current RSS (Linux >= 4.0), so input creation is not counted."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def worker(cfg):
@@ -116,16 +131,25 @@ def worker(cfg):
   if cfg["execute"]:
     args = _inputs(cfg)
     jax.block_until_ready(args)
-    rec["rss_after_inputs_bytes"] = _rss_bytes()
-    times = []
+    rec["rss_after_inputs_bytes"] = _status_bytes("VmRSS")
+    rec["peak_rss_reset_after_inputs"] = _reset_peak_rss()
+    times, cpu = [], []
     for i in range(cfg["warmup"] + cfg["repeats"]):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       jax.block_until_ready(compiled(*args))
       if i >= cfg["warmup"]:
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     rec["times_s"] = [round(x, 3) for x in times]
     rec["time_s_median"] = round(statistics.median(times), 3)
-    rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # CPU seconds of all threads of this process: less sensitive than wall time
+    # to other jobs sharing the cores.
+    rec["cpu_s_median"] = round(statistics.median(cpu), 3)
+    # Peak RSS while running (VmHWM, reset after the inputs were made; falls back
+    # to the whole-process peak if the reset is unavailable).
+    rec["peak_rss_bytes"] = (_status_bytes("VmHWM") if rec["peak_rss_reset_after_inputs"]
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    rec["peak_rss_over_inputs_bytes"] = rec["peak_rss_bytes"] - rec["rss_after_inputs_bytes"]
   return rec
 
 
@@ -162,7 +186,11 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--full-repeats", type=int, default=1)
-  p.add_argument("--no-full-run", action="store_true", help="don't execute chunked at --batch")
+  p.add_argument("--full-run", action="store_true",
+                 help="also execute chunked at --batch (minutes of CPU at the default sizes)")
+  p.add_argument("--time-chunk", type=int, default=None,
+                 help="chunk used at time_batch; default keeps tokens per chunk "
+                      "(chunk * batch / time_batch, at most seq) so scratch memory matches")
   p.add_argument("--tune-chunks", default="", help="comma list, e.g. 64,256,512")
   p.add_argument("--tune-time", action="store_true")
   p.add_argument("--modes", default="fwd,value_and_grad")
@@ -182,9 +210,10 @@ def main(argv=None):
     per_row = naive_full["memory_analysis_bytes"]["total"] / a.batch
     tb = max(1, min(a.batch, int(a.mem_budget_gb * GB // per_row)))
     chunk_full = _run_sub(dict(base, impl="chunked", mode=mode, batch=a.batch,
-                               execute=not a.no_full_run, warmup=0, repeats=a.full_repeats))
+                               execute=a.full_run, warmup=0, repeats=a.full_repeats))
+    tc = a.time_chunk or min(a.seq, a.chunk * a.batch // tb)
     naive_tb = _run_sub(dict(base, impl="naive", mode=mode, batch=tb, execute=True))
-    chunk_tb = _run_sub(dict(base, impl="chunked", mode=mode, batch=tb, execute=True))
+    chunk_tb = _run_sub(dict(base, impl="chunked", mode=mode, batch=tb, chunk=tc, execute=True))
     tune = {}
     for c in [int(x) for x in a.tune_chunks.split(",") if x]:
       r = _run_sub(dict(base, impl="chunked", mode=mode, chunk=c,
@@ -203,14 +232,26 @@ def main(argv=None):
         "chunked_peak_rss_bytes_at_batch": chunk_full.get("peak_rss_bytes"),
         "chunked_time_s_at_batch": chunk_full.get("time_s_median"),
         "time_batch": tb,
+        "time_chunk": tc,
+        "chunked_temp_bytes_at_time_batch": chunk_tb.get("memory_analysis_bytes", {}).get("temp"),
         "naive_time_s_at_time_batch": naive_tb.get("time_s_median"),
         "chunked_time_s_at_time_batch": chunk_tb.get("time_s_median"),
         "time_ratio_chunked_over_naive": _ratio(chunk_tb.get("time_s_median"),
                                                 naive_tb.get("time_s_median")),
+        "naive_cpu_s_at_time_batch": naive_tb.get("cpu_s_median"),
+        "chunked_cpu_s_at_time_batch": chunk_tb.get("cpu_s_median"),
+        "cpu_time_ratio_chunked_over_naive": _ratio(chunk_tb.get("cpu_s_median"),
+                                                    naive_tb.get("cpu_s_median")),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "naive_peak_rss_bytes_at_time_batch": naive_tb.get("peak_rss_bytes"),
         "chunked_peak_rss_bytes_at_time_batch": chunk_tb.get("peak_rss_bytes"),
         "tune_chunks": tune,
     }
+    m = summary["modes"][mode]
+    m["target_8x_memory_total_met"] = (m["total_memory_ratio_naive_over_chunked"] or 0) >= 8
+    m["target_8x_memory_temp_met"] = (m["temp_memory_ratio_naive_over_chunked"] or 0) >= 8
+    m["target_1.3x_wall_time_met"] = (m["time_ratio_chunked_over_naive"] or 99) <= 1.3
+    m["target_1.3x_cpu_time_met"] = (m["cpu_time_ratio_chunked_over_naive"] or 99) <= 1.3
   summary["wall_s"] = round(time.time() - t_start, 1)
   print(json.dumps(summary), flush=True)
 
