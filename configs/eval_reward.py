@@ -17,11 +17,18 @@ match the RM's training run.
 import os
 import sys
 
+import ml_collections
+
 try:
   from configs import common
 except ImportError:  # run from outside the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
+
+def any_type(value):
+  """A config field that accepts a string, a list or a dict (e.g. eval.sets)."""
+  return ml_collections.FieldReference(value, field_type=object)
+
 
 # The two sets the `runlocal` variants read (small, one ID and one OOD).
 LOCAL_SETS = "hh_helpful_base,llmbar_natural"
@@ -29,7 +36,7 @@ LOCAL_SETS = "hh_helpful_base,llmbar_natural"
 
 def add_eval_keys(c):
   """The `eval.*` keys of the eval_reward / eval_implicit_reward tasks (prefjax/eval/tasks.py)."""
-  c.eval.sets = "all"  # registered names, groups id|ood|all, name=path entries (comma list), or dict
+  c.eval.sets = any_type("all")  # registered names, groups id|ood|all, name=path entries (comma list), or dict
   c.eval.shared_data_dir = None  # base dir of the registered files (None: $PREFJAX_SHARED_DATA or ../shared/data)
   c.eval.batch_size = 0  # pairs per eval batch (0: data.eval_batch_size, else data.batch_size)
   c.eval.ties = "exclude"  # exact score ties: exclude | half | zero (accuracy credit)

@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.total_steps = 1  # unused by generate (kept > 0 for validation)
   eval_reward.local_data(c)
   c.generate = type(c)()
-  c.generate.policies = ""  # "name=path,name=path" or dict name -> path (prefjax workdir / HF dir)
+  c.generate.policies = eval_reward.any_type("")  # "name=path,name=path" or dict name -> path (prefjax workdir / HF dir)
   c.generate.prompts = None  # prompt file(s) (None: data.train)
   c.generate.split = "eval"  # eval | train: that side of data.split_fraction; "": all prompts
   c.generate.num_prompts = 64  # first N unique prompts (0: all)
