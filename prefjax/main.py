@@ -36,10 +36,34 @@ def _export(config: Any, workdir: str) -> None:
   print(f"exported to {path}")
 
 
+# Tasks whose entry points live in other modules: task -> (module, function).
+EXTERNAL_TASKS = {
+    "eval_reward": ("prefjax.eval.tasks", "run_eval_reward"),
+    "eval_implicit_reward": ("prefjax.eval.tasks", "run_eval_implicit_reward"),
+    "generate": ("prefjax.eval.generate", "run_generate"),
+    "iterative_dpo": ("prefjax.train.iterative", "run_iterative_dpo"),
+}
+
+
+def _external(module: str, name: str) -> Callable[[Any, str], None] | None:
+  """The entry point `module.name`, or None when this build does not have it."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError):
+    return None
+
+
 def task_table() -> dict[str, Callable[[Any, str], None]]:
-  """`config.task` -> entry point. Later tasks (eval_reward, generate, ...) register here."""
-  return {"sft": _train, "reward": _train, "preference": _train, "kto": _train,
-          "export": _export}
+  """`config.task` -> entry point (training tasks, export, and the eval / generate /
+  iterative DPO tasks when their modules are present)."""
+  table = {"sft": _train, "reward": _train, "preference": _train, "kto": _train,
+           "export": _export}
+  for task, (module, name) in EXTERNAL_TASKS.items():
+    fn = _external(module, name)
+    if fn is not None:
+      table[task] = fn
+  return table
 
 
 class UsageError(Exception):
@@ -52,11 +76,15 @@ def dispatch(config: Any, workdir: str) -> None:
   table = task_table()
   task = config.get("task")
   if task not in table:
-    known = sorted(set(table) | set(validate.FUTURE_TASKS))
-    raise UsageError(f"unknown config.task {task!r}; tasks: {', '.join(known)}")
+    known = sorted(table)
+    missing = sorted(set(EXTERNAL_TASKS) - set(table))
+    hint = f" (not in this build: {', '.join(missing)})" if missing else ""
+    raise UsageError(f"unknown config.task {task!r}; tasks: {', '.join(known)}{hint}")
   builders.maybe_initialize_distributed(config.get("distributed"))
   validate.validate(config)
-  table[task](config, workdir)
+  out = table[task](config, workdir)
+  if task in EXTERNAL_TASKS and out is not None:
+    logging.info("done: %s", out)
 
 
 class _QuietLibraries(logging.Filter):
