@@ -62,16 +62,45 @@ def saved_config(path: Optional[str]) -> Optional[dict[str, Any]]:
   return json.loads(f.read_text(encoding="utf-8"))
 
 
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
+ARCH_KEYS = tuple(k for k in builders.MODEL_OVERRIDES
+                  if k not in RUNTIME_KEYS + ("num_reward_heads",))
+
+
+def arch_keys(path: Optional[str]) -> dict[str, Any]:
+  """Architecture `model.*` keys (preset aside) of a checkpoint: an HF dir's config.json,
+  or a workdir's saved keys, completed from the checkpoint it was initialised from (a run
+  started from an HF dir saved the recipe's keys, not the HF architecture). {} otherwise."""
+  kind = builders.init_kind(path) if path else "none"
+  if kind == "hf":
+    from prefjax import models  # pylint: disable=import-outside-toplevel
+    hf = json.loads((pathlib.Path(path) / "config.json").read_text(encoding="utf-8"))
+    cfg = models.config_from_hf(hf)
+    return {k: getattr(cfg, k) for k in ARCH_KEYS if hasattr(cfg, k)}
+  saved = saved_config(path)
+  if saved is None:
+    return {}
+  model = saved.get("model") or {}
+  out = {k: model.get(k) for k in ARCH_KEYS if model.get(k) is not None}
+  parent = model.get("init")
+  if parent and parent != path and os.path.exists(parent):
+    out.update(arch_keys(parent))
+  return out
+
+
 def model_section(path: Optional[str], current: Any) -> Any:
-  """Model keys to load `path` with: a workdir's saved `model.*` (its architecture), with
-  the runtime keys (dtype, remat, ...) of `current`; `current` itself otherwise."""
+  """Model keys to load `path` with: a workdir's saved `model.*` (its architecture,
+  `arch_keys`), with the runtime keys (dtype, remat, ...) of `current`; `current` itself
+  for other checkpoints (HF / Flax dirs carry their own architecture)."""
   saved = saved_config(path)
   if saved is None or "model" not in saved:
     return current
   model = ml_collections.ConfigDict(saved["model"])
-  for k in ("dtype", "param_dtype", "remat", "scan_layers"):
-    if current.get(k) is not None:
-      model[k] = current.get(k)
+  with model.ignore_type():
+    model.update(arch_keys(path))
+    for k in RUNTIME_KEYS:
+      if current.get(k) is not None:
+        model[k] = current.get(k)
   return model
 
 
