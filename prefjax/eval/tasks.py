@@ -20,9 +20,11 @@ Both write `eval_results.{json,md,html}`, `eval_scores.npz` and PNG plots into t
 and the ID−OOD drop.
 
 `config.eval.sets` names the sets: registered names (`prefjax.eval.EVAL_SETS`), the groups
-"id" / "ood" / "all", a comma-separated string of those, and/or `name=path` entries; or a
-dict name -> path / {"path", "format", "tag"} / None (registered). Local sets default to
-format "auto" and tag "id" (set `tag` to "ood" for an OOD file).
+"id" / "ood" / "all", a comma-separated string of those, and/or `name=path[|opt...]`
+entries (opts: `id` / `ood` tag, `train` / `eval` side of the trainer's hash split by
+`data.split_fraction`, `format=NAME`); or a dict name -> path / {"path", "format", "tag",
+"split"} / None (registered). Local sets default to format "auto", tag "id", no split; e.g.
+`held_out=<train file>|eval` is the 20% a model trained with split_fraction=0.8 never saw.
 
   python -m prefjax.main --config=configs/eval_reward.py --workdir=/tmp/eval_rm \
       --config.model.init=/tmp/rm_workdir
@@ -214,12 +216,30 @@ def parse_sets(sets: Any) -> dict[str, Optional[dict[str, Any]]]:
     if entry in _GROUPS:
       out.update({n: None for n in _GROUPS[entry]})
     elif "=" in entry:
-      name, path = entry.split("=", 1)
-      out[name.strip()] = {"path": path.strip()}
+      name, rest = entry.split("=", 1)
+      out[name.strip()] = _entry_spec(rest)
     else:
       registry.get_spec(entry)
       out[entry] = None
   return {n: _local_defaults(s) for n, s in out.items()}
+
+
+def _entry_spec(text: str) -> dict[str, Any]:
+  """`path[|opt...]` -> spec; opts: id | ood (tag), train | eval (side of the hash split by
+  `data.split_fraction`, as the trainer splits), format=NAME."""
+  path, *opts = [p.strip() for p in text.split("|")]
+  spec: dict[str, Any] = {"path": path}
+  for o in opts:
+    if o in ("id", "ood"):
+      spec["tag"] = o
+    elif o in ("train", "eval"):
+      spec["split"] = o
+    elif o.startswith("format="):
+      spec["format"] = o.split("=", 1)[1]
+    else:
+      raise ValueError(f"unknown eval set option {o!r} in {text!r}; expected id, ood, train, "
+                       "eval or format=NAME")
+  return spec
 
 
 def _local_defaults(spec: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -230,7 +250,31 @@ def _local_defaults(spec: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
   tag = spec.get("tag") or "id"
   if tag not in ("id", "ood"):
     raise ValueError(f"eval set tag must be 'id' or 'ood', got {tag!r}")
-  return {"path": str(spec["path"]), "format": spec.get("format") or "auto", "tag": tag}
+  split = spec.get("split") or None
+  if split not in (None, "train", "eval"):
+    raise ValueError(f"eval set split must be 'train' or 'eval', got {split!r}")
+  return {"path": str(spec["path"]), "format": spec.get("format") or "auto", "tag": tag,
+          "split": split}
+
+
+def split_copy(name: str, spec: Mapping[str, Any], data_config: Any, out_dir: pathlib.Path
+               ) -> pathlib.Path:
+  """JSONL copy of one side (`spec["split"]`) of the trainer's hash split of a file, e.g.
+  the held-out 20% of the file a model was trained on (its in-distribution test set)."""
+  from prefjax.data import config as data_config_lib  # pylint: disable=import-outside-toplevel
+  from prefjax.data import index as index_lib  # pylint: disable=import-outside-toplevel
+  fraction = data_config_lib.get(data_config, "split_fraction")
+  if fraction is None or float(fraction) >= 1.0:
+    raise ValueError(f"eval set {name!r} asks for the {spec['split']!r} side of the split but "
+                     "config.data.split_fraction is not < 1")
+  idx = index_lib.build_index(spec["path"], fmt=spec["format"], kind="pairs", policy="skip",
+                              part=spec["split"], fraction=float(fraction))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  out = out_dir / f"{name}.{spec['split']}.jsonl"
+  with open(out, "w", encoding="utf-8") as f:
+    for i in dict.fromkeys(int(i) for i in idx.items[:, 0]):
+      f.write(json.dumps(idx.source[i]) + "\n")
+  return out
 
 
 def eval_sources(data_config: Any, sets: Mapping[str, Optional[dict[str, Any]]], *,
@@ -254,6 +298,8 @@ def eval_sources(data_config: Any, sets: Mapping[str, Optional[dict[str, Any]]],
     path = pathlib.Path(spec["path"])
     if not path.is_file():
       raise FileNotFoundError(f"eval set {name!r}: {path} does not exist")
+    if spec.get("split"):
+      path = split_copy(name, spec, data_config, pathlib.Path(workdir) / "eval_cache")
     local = registry.EvalSetSpec(name, str(path), spec["format"], spec["tag"], 0, 0, 0)
     sources[name] = (lambda bs, local=local, path=path: make(local, path, bs))
     tags[name] = spec["tag"]

@@ -110,11 +110,12 @@ def _check_set(m, chosen, rejected):
 
 
 def test_parse_sets_groups_and_local_entries():
-  s = tasks.parse_sets("id,pandalm,mine=/x/y.jsonl")
+  s = tasks.parse_sets("id,pandalm,mine=/x/y.jsonl,held=/x/z.jsonl|eval|ood")
   assert list(s)[:4] == ["hh_harmless_base", "hh_helpful_base", "hh_helpful_online",
                          "hh_helpful_rejection_sampled"]
   assert s["pandalm"] is None and s["mine"] == {"path": "/x/y.jsonl", "format": "auto",
-                                                 "tag": "id"}
+                                                 "tag": "id", "split": None}
+  assert s["held"] == {"path": "/x/z.jsonl", "format": "auto", "tag": "ood", "split": "eval"}
   with pytest.raises(ValueError, match="unknown eval set"):
     tasks.parse_sets("nope")
 
