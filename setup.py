@@ -28,9 +28,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["prefjax", "prefjax.*"]),
-    package_data={"prefjax": ["assets/**/*", "assets/*"]},
-    include_package_data=True,
+    # Namespace discovery so the data-only folders under prefjax/assets ship as package data.
+    packages=setuptools.find_namespace_packages(include=["prefjax", "prefjax.*"]),
+    package_data={"": ["*.model", "*.jsonl.gz", "LICENSE", "SOURCE.md"]},
     install_requires=RUNTIME,
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
