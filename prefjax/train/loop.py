@@ -62,7 +62,9 @@ class _StopSignal:
   def requested(self, sync: bool) -> bool:
     """Whether any process got a signal (`sync`: agree across processes)."""
     flag = self.signum is not None
-    if sync and jax.process_count() > 1:
+    if jax.process_count() > 1:
+      if not sync:
+        return False  # act only at sync points, together with the other processes
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
     return flag
