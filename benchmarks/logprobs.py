@@ -4,6 +4,7 @@ Prints JSON, one object per line; the last line is a summary. Each measured
 configuration runs in its own subprocess, so its peak RSS is its own.
 
   python benchmarks/logprobs.py                       # B=8, T=1024, D=2048, V=256000, f32
+  python benchmarks/logprobs.py --repeats 1 --warmup 0 --time-batch 1   # quicker, shared CPU
   python benchmarks/logprobs.py --batch 2 --seq 256 --vocab 32000 --repeats 2
 
 What is measured, per mode ("fwd": log-probs only; "value_and_grad": grad of
@@ -12,8 +13,9 @@ their mean w.r.t. hidden [B, T, D] and unembedding [V, D], the training case):
   * naive: `hidden @ unembedding.T` -> float32 [B, T, V] logits ->
     `jax.nn.log_softmax` -> gather. At the full batch it is only compiled, never
     run (it needs ~21 GB): its memory is `memory_analysis()` of the compiled
-    executable (temp + argument + output bytes). It is timed at `time_batch`,
-    the largest batch whose compiled footprint fits `--mem-budget-gb`.
+    executable (temp + argument + output bytes). It is timed at `time_batch`
+    (`--time-batch`, or the largest batch whose compiled footprint fits
+    `--mem-budget-gb`; mind that RSS also holds the inputs).
   * chunked: `prefjax.ops.token_logps_from_hidden` (custom VJP, chunks of
     `--chunk` positions, vocabulary blocks of `--vocab-chunk`). Compiled at the
     full batch (memory_analysis), executed there only with `--full-run`
@@ -89,7 +91,10 @@ def _inputs(cfg):
   def make(key):
     k1, k2, k3 = jax.random.split(key, 3)
     h = jax.random.normal(k1, (b, t, d), dt)
-    w = (jax.random.normal(k2, (v, d), jnp.float32) * d ** -0.5).astype(dt)
+    del k2  # a cheap deterministic [V, D] (fused, no RNG temporaries of W's size)
+    idx = jax.lax.broadcasted_iota(jnp.float32, (v, d), 0) * 0.7548 + \
+        jax.lax.broadcasted_iota(jnp.float32, (v, d), 1) * 0.5698
+    w = (jnp.sin(idx) * (2.0 / d) ** 0.5).astype(dt)
     y = jax.random.randint(k3, (b, t), 0, v, jnp.int32)
     return h, w, y
 
@@ -183,6 +188,8 @@ def main(argv=None):
   p.add_argument("--softcap", type=float, default=None)
   p.add_argument("--mem-budget-gb", type=float, default=8.0,
                  help="largest compiled footprint (GB) of a naive run that is executed")
+  p.add_argument("--time-batch", type=int, default=None,
+                 help="batch for the naive-vs-chunked timing (default: from --mem-budget-gb)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--full-repeats", type=int, default=1)
@@ -208,7 +215,7 @@ def main(argv=None):
   for mode in a.modes.split(","):
     naive_full = _run_sub(dict(base, impl="naive", mode=mode, batch=a.batch, execute=False))
     per_row = naive_full["memory_analysis_bytes"]["total"] / a.batch
-    tb = max(1, min(a.batch, int(a.mem_budget_gb * GB // per_row)))
+    tb = a.time_batch or max(1, min(a.batch, int(a.mem_budget_gb * GB // per_row)))
     chunk_full = _run_sub(dict(base, impl="chunked", mode=mode, batch=a.batch,
                                execute=a.full_run, warmup=0, repeats=a.full_repeats))
     tc = a.time_chunk or min(a.seq, a.chunk * a.batch // tb)
