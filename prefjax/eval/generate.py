@@ -39,6 +39,7 @@ from prefjax.data import config as data_config_lib
 from prefjax.data import index as index_lib
 from prefjax.data import templates as templates_lib
 from prefjax.data import tokenize as tokenize_lib
+from prefjax.train.validation import ConfigError
 
 # Template pieces that end an assistant turn (sampling stops there like at EOS).
 END_PIECES = ("<end_of_turn>", "<|eot_id|>")
@@ -224,7 +225,7 @@ def parse_policies(policies: Any, default: Optional[str]) -> dict[str, str]:
   """`config.generate.policies`: dict name -> path, or "name=path,..." -> {name: path}."""
   if policies is None or policies == "" or policies == {}:
     if not default:
-      raise ValueError("set config.generate.policies (name=path,...) or config.model.init")
+      raise ConfigError("set config.generate.policies (name=path,...) or config.model.init")
     return {"policy": default}
   if isinstance(policies, Mapping) or hasattr(policies, "items"):
     return {str(k): str(v) for k, v in dict(policies).items()}

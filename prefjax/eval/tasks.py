@@ -41,10 +41,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from prefjax.eval import metrics as metrics_lib
 from prefjax.eval import registry
 from prefjax.eval import runner
 from prefjax.eval import scoring
 from prefjax.train import builders
+from prefjax.train.validation import ConfigError
 
 RANDOM_INIT = "<random init>"
 _GROUPS = {"id": registry.ID_SETS, "ood": registry.OOD_SETS,
@@ -110,11 +112,11 @@ def load_model(path: str, current_model: Any, *, task: str, mesh: Any, rules: An
                ) -> tuple[Any, Any]:
   """(ModelConfig, params sharded on `mesh`) of a workdir / HF dir / Flax checkpoint."""
   if not path:
-    raise ValueError(f"no checkpoint given for the {task} model (set config.model.init)")
+    raise ConfigError(f"no checkpoint given for the {task} model (set config.model.init)")
   if builders.init_kind(path) == "workdir":
     src = builders.source_task(path, task)
     if task == "reward" and src != "reward":
-      raise ValueError(f"{path} was trained for task {src!r}, not a reward model")
+      raise ConfigError(f"{path} was trained for task {src!r}, not a reward model")
   model = model_section(path, current_model)
   return builders.load_pretrained(path, model, task=task, mesh=mesh, rules=rules)
 
@@ -127,7 +129,7 @@ def load_reward_model(path: str, current_model: Any, *, mesh: Any, rules: Any
     hf = json.loads((pathlib.Path(path) / "config.json").read_text(encoding="utf-8"))
     archs = hf.get("architectures") or []
     if not any(str(a).endswith("ForSequenceClassification") for a in archs):
-      raise ValueError(f"{path} is not a reward model (architectures {archs}; expected "
+      raise ConfigError(f"{path} is not a reward model (architectures {archs}; expected "
                        "*ForSequenceClassification)")
   cfg, params = load_model(path, current_model, task="reward", mesh=mesh, rules=rules)
   return cfg, params
@@ -140,7 +142,7 @@ def reference_path(policy_path: str, explicit: Optional[str]) -> str:
     return explicit
   saved = saved_config(policy_path)
   if saved is None:
-    raise ValueError(f"cannot tell the reference model of {policy_path}: set "
+    raise ConfigError(f"cannot tell the reference model of {policy_path}: set "
                      "config.reference.init")
   ref = (saved.get("reference") or {}).get("init") or (saved.get("model") or {}).get("init")
   return ref or RANDOM_INIT
@@ -178,7 +180,7 @@ def implicit_scorer(policy_path: str, ref_path: Optional[str], current_model: An
   from prefjax.eval import implicit as implicit_lib  # pylint: disable=import-outside-toplevel
   method, beta = implicit_method(policy_path, method, beta)
   if method not in implicit_lib.METHOD_KIND:
-    raise ValueError(f"no implicit reward defined for {method!r}; set config.eval.method "
+    raise ConfigError(f"no implicit reward defined for {method!r}; set config.eval.method "
                      f"to one of {sorted(implicit_lib.METHOD_KIND)}")
   cfg, params = load_model(policy_path, current_model, task="preference", mesh=mesh,
                            rules=rules)
@@ -237,7 +239,7 @@ def _entry_spec(text: str) -> dict[str, Any]:
     elif o.startswith("format="):
       spec["format"] = o.split("=", 1)[1]
     else:
-      raise ValueError(f"unknown eval set option {o!r} in {text!r}; expected id, ood, train, "
+      raise ConfigError(f"unknown eval set option {o!r} in {text!r}; expected id, ood, train, "
                        "eval or format=NAME")
   return spec
 
@@ -246,13 +248,13 @@ def _local_defaults(spec: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
   if spec is None:
     return None
   if "path" not in spec:
-    raise ValueError(f"a local eval set needs a 'path', got {spec}")
+    raise ConfigError(f"a local eval set needs a 'path', got {spec}")
   tag = spec.get("tag") or "id"
   if tag not in ("id", "ood"):
-    raise ValueError(f"eval set tag must be 'id' or 'ood', got {tag!r}")
+    raise ConfigError(f"eval set tag must be 'id' or 'ood', got {tag!r}")
   split = spec.get("split") or None
   if split not in (None, "train", "eval"):
-    raise ValueError(f"eval set split must be 'train' or 'eval', got {split!r}")
+    raise ConfigError(f"eval set split must be 'train' or 'eval', got {split!r}")
   return {"path": str(spec["path"]), "format": spec.get("format") or "auto", "tag": tag,
           "split": split}
 
@@ -265,7 +267,7 @@ def split_copy(name: str, spec: Mapping[str, Any], data_config: Any, out_dir: pa
   from prefjax.data import index as index_lib  # pylint: disable=import-outside-toplevel
   fraction = data_config_lib.get(data_config, "split_fraction")
   if fraction is None or float(fraction) >= 1.0:
-    raise ValueError(f"eval set {name!r} asks for the {spec['split']!r} side of the split but "
+    raise ConfigError(f"eval set {name!r} asks for the {spec['split']!r} side of the split but "
                      "config.data.split_fraction is not < 1")
   idx = index_lib.build_index(spec["path"], fmt=spec["format"], kind="pairs", policy="skip",
                               part=spec["split"], fraction=float(fraction))
@@ -325,10 +327,14 @@ def _evaluate(config: Any, workdir: str, score_fns: Mapping[str, Any],
   meta = dict(meta, ties=opts["ties"], batch_size=opts["batch_size"])
   out = runner.evaluate_and_report(score_fns, sources, workdir=workdir, tags=tags, meta=meta,
                                    **opts)
-  summary = {kind: {n: r.metrics["accuracy"] for n, r in res.items()}
+  acc = {kind: {n: r.metrics["accuracy"] for n, r in res.items()}
+         for kind, res in out["results"].items()}
+  summary = {kind: {k: v for k, v in metrics_lib.id_ood_summary(
+      {n: r.metrics for n, r in res.items()}, tags).items() if k in ("id_mean", "ood_mean", "drop")}
              for kind, res in out["results"].items()}
-  logging.info("eval accuracies: %s; report: %s", summary, out["files"].get("markdown"))
-  return out
+  logging.info("eval accuracies: %s; report: %s", acc, out["files"].get("markdown"))
+  return {"accuracy": acc, "summary": summary,
+          "files": {k: str(v) for k, v in out["files"].items()}}
 
 
 def _mesh(config: Any):
@@ -340,8 +346,8 @@ def run_eval_reward(config: Any, workdir: str) -> dict[str, Any]:
   """`task="eval_reward"`: an explicit reward model on `config.eval.sets`.
 
   Returns:
-    `runner.evaluate_and_report`'s result ({"results": {"explicit": {set: SetResult}},
-    "files": {...}}); `workdir/eval_results.json` holds the metrics.
+    {"accuracy": {"explicit": {set: acc}}, "summary": {"explicit": {id_mean, ood_mean,
+    drop}}, "files": {label: path}}; `workdir/eval_results.json` holds all the metrics.
   """
   mesh, rules = _mesh(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
@@ -359,7 +365,7 @@ def run_eval_implicit_reward(config: Any, workdir: str) -> dict[str, Any]:
   explicit).
 
   Returns:
-    `runner.evaluate_and_report`'s result.
+    as `run_eval_reward`, with kinds "explicit" (when compared) and "implicit".
   """
   mesh, rules = _mesh(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):

@@ -54,6 +54,7 @@ from prefjax.eval import generate as gen
 from prefjax.eval import scoring
 from prefjax.eval import tasks as eval_tasks
 from prefjax.train import builders
+from prefjax.train.validation import ConfigError
 
 METRICS_FILE = "iterative_metrics.jsonl"
 REFERENCES = ("initial", "previous")
@@ -115,7 +116,7 @@ def train_config(config: Any, data_path: str, init: str, initial: str) -> Any:
   reference π_0 (`iterative.reference="initial"`) or π_{t-1} ("previous")."""
   ref = config.iterative.get("reference", "initial")
   if ref not in REFERENCES:
-    raise ValueError(f"config.iterative.reference={ref!r}; expected one of {REFERENCES}")
+    raise ConfigError(f"config.iterative.reference={ref!r}; expected one of {REFERENCES}")
   d = copy.deepcopy(config)
   with d.unlocked():
     d.task = "preference"
@@ -213,14 +214,14 @@ class Round:
                                     self.tokenizer, split=it.get("prompt_split") or None,
                                     limit=int(it.get("num_prompts") or 0))
     if not self.prompts:
-      raise ValueError("no prompts for iterative DPO (config.iterative.prompts)")
+      raise ConfigError("no prompts for iterative DPO (config.iterative.prompts)")
     self.annotate = self._annotator()
     self.initial = None  # (cfg, params) of π_0, loaded on first use
 
   def _annotator(self) -> Callable[[dict], Any]:
     a, c = self.config.annotator, self.config
     if not a.get("path"):
-      raise ValueError("set config.annotator.path (the reward model or the DPO policy)")
+      raise ConfigError("set config.annotator.path (the reward model or the DPO policy)")
     if a.kind == "explicit":
       cfg, params = eval_tasks.load_reward_model(a.path, c.model, mesh=self.mesh,
                                                  rules=self.rules)
@@ -231,7 +232,7 @@ class Round:
           mesh=self.mesh, rules=self.rules, chunk_size=int(c.train.get("logps_chunk_size", 128)))
       logging.info("implicit annotator: %s", info)
       return fn
-    raise ValueError(f"config.annotator.kind={a.kind!r}; expected 'explicit' or 'implicit'")
+    raise ConfigError(f"config.annotator.kind={a.kind!r}; expected 'explicit' or 'implicit'")
 
   def prompts_for(self, t: int) -> list[gen.Prompt]:
     """All prompts, or the t-th of T disjoint parts (`iterative.split_prompts`)."""
@@ -303,7 +304,7 @@ def build_iteration_data(rnd: Round, run_dir: pathlib.Path, policy_path: str, t:
   texts, scores, stats = rnd.run(policy_path, prompts, seed=seed, index=t - 1)
   sel = select_pairs(prompts, texts, scores)
   if not sel.pairs:
-    raise ValueError(f"iteration {t}: every prompt's best and worst sample tie (or are empty); "
+    raise ConfigError(f"iteration {t}: every prompt's best and worst sample tie (or are empty); "
                      "raise config.sample.num_samples or the temperature")
   stats.update(num_pairs=len(sel.pairs), skipped_ties=sel.ties, skipped_too_few=sel.too_few)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,9 +322,9 @@ def build_iteration_data(rnd: Round, run_dir: pathlib.Path, policy_path: str, t:
 def _check(config: Any) -> None:
   from prefjax.train import validation  # pylint: disable=import-outside-toplevel
   if not config.model.get("init"):
-    raise ValueError("iterative DPO starts from a policy: set config.model.init (SFT run)")
+    raise ConfigError("iterative DPO starts from a policy: set config.model.init (SFT run)")
   if int(config.sample.num_samples) < 2:
-    raise ValueError("config.sample.num_samples must be >= 2 (best and worst of K)")
+    raise ConfigError("config.sample.num_samples must be >= 2 (best and worst of K)")
   validation.validate(train_config(config, "placeholder.jsonl", config.model.init,
                                    config.model.init))
 

@@ -183,3 +183,19 @@ def test_generate_writes_scored_jsonl_and_report(env, tmp_path):
     want = rm_scores(env, tok, [(r["prompt"], r["response"]) for r in recs])
     np.testing.assert_allclose([r["score"] for r in recs], want, rtol=1e-4, atol=1e-5)
   assert {"json", "markdown", "plot"} <= set(out["files"])
+
+
+@pytest.mark.parametrize("name", ["eval_reward", "eval_implicit_reward", "generate",
+                                  "iterative_dpo"])
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_recipes_build_and_validate(name, arg):
+  from prefjax.train import iterative, validation  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", REPO / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  assert c.task == name
+  validation.validate(c)
+  if name == "iterative_dpo":  # the per-iteration DPO run must be a valid preference config
+    validation.validate(iterative.train_config(c, "x.jsonl", "/sft", "/sft"))
+  assert f"--config=configs/{name}.py" in mod.__doc__
