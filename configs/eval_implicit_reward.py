@@ -19,6 +19,8 @@ random init); method and β default to the policy run's loss.
 import os
 import sys
 
+from ml_collections.config_dict import placeholder
+
 try:
   from configs import common
   from configs import eval_reward
@@ -33,9 +35,9 @@ def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, gemma=False)
   c = eval_reward.get_config(",".join(k for k in ("runlocal", "gemma") if a[k]) or None)
   c.task = "eval_implicit_reward"
-  c.model.init = None  # the policy: prefjax workdir or HF dir (required)
-  c.reference.init = None  # its reference (None: read from the policy's workdir config.json)
-  c.eval.reward_model = None  # explicit RM to compare with (None: implicit only)
-  c.eval.method = None  # dpo | ipo | simpo | orpo | ... (None: the policy run's loss.name)
-  c.eval.beta = None  # β (None: the policy run's loss.beta, else 0.1)
+  c.model.init = placeholder(str)  # the policy: prefjax workdir or HF dir (required)
+  c.reference.init = placeholder(str)  # its reference (None: read from the policy's workdir config.json)
+  c.eval.reward_model = placeholder(str)  # explicit RM to compare with (None: implicit only)
+  c.eval.method = placeholder(str)  # dpo | ipo | simpo | orpo | ... (None: the policy run's loss.name)
+  c.eval.beta = placeholder(float)  # β (None: the policy run's loss.beta, else 0.1)
   return c

@@ -18,6 +18,7 @@ import os
 import sys
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 try:
   from configs import common
@@ -37,15 +38,15 @@ LOCAL_SETS = "hh_helpful_base,llmbar_natural"
 def add_eval_keys(c):
   """The `eval.*` keys of the eval_reward / eval_implicit_reward tasks (prefjax/eval/tasks.py)."""
   c.eval.sets = any_type("all")  # registered names, groups id|ood|all, name=path entries (comma list), or dict
-  c.eval.shared_data_dir = None  # base dir of the registered files (None: $PREFJAX_SHARED_DATA or ../shared/data)
+  c.eval.shared_data_dir = placeholder(str)  # base dir of the registered files (None: $PREFJAX_SHARED_DATA or ../shared/data)
   c.eval.batch_size = 0  # pairs per eval batch (0: data.eval_batch_size, else data.batch_size)
   c.eval.ties = "exclude"  # exact score ties: exclude | half | zero (accuracy credit)
   c.eval.bootstrap = 1000  # bootstrap resamples of the accuracy CI (0: none)
   c.eval.plots = True  # write the PNG figures
   c.eval.reward_head = 0  # which reward head to read (multi-head RMs)
-  c.eval.reward_model = None  # eval_implicit_reward: explicit RM evaluated side by side (None: off)
-  c.eval.method = None  # eval_implicit_reward: implicit-reward definition (None: the policy run's loss.name)
-  c.eval.beta = None  # eval_implicit_reward: β of the implicit reward (None: the policy run's loss.beta)
+  c.eval.reward_model = placeholder(str)  # eval_implicit_reward: explicit RM evaluated side by side (None: off)
+  c.eval.method = placeholder(str)  # eval_implicit_reward: implicit-reward definition (None: the policy run's loss.name)
+  c.eval.beta = placeholder(float)  # eval_implicit_reward: β of the implicit reward (None: the policy run's loss.beta)
   return c
 
 
@@ -66,8 +67,7 @@ def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, gemma=False)
   c = common.base_config()
   c.task = "eval_reward"
-  c.model.init = None  # the reward model: prefjax workdir or HF dir (required)
-  c.loss.beta = None  # unused by eval
+  c.model.init = placeholder(str)  # the reward model: prefjax workdir or HF dir (required)
   c.reference.mode = "none"  # unused by eval
   c.total_steps = 1  # unused by eval (kept > 0 for validation)
   add_eval_keys(c)

@@ -15,6 +15,8 @@ win rates, case-study table of the first policy against each other) and
 import os
 import sys
 
+from ml_collections.config_dict import placeholder
+
 try:
   from configs import common
   from configs import eval_reward
@@ -42,17 +44,16 @@ def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
   c.task = "generate"
-  c.model.init = None  # default single policy when generate.policies is empty
-  c.loss.beta = None  # unused by generate
+  c.model.init = placeholder(str)  # default single policy when generate.policies is empty
   c.reference.mode = "none"  # unused by generate
   c.total_steps = 1  # unused by generate (kept > 0 for validation)
   eval_reward.local_data(c)
   c.generate = type(c)()
   c.generate.policies = eval_reward.any_type("")  # "name=path,name=path" or dict name -> path (prefjax workdir / HF dir)
-  c.generate.prompts = None  # prompt file(s) (None: data.train)
+  c.generate.prompts = placeholder(str)  # prompt file(s) (None: data.train)
   c.generate.split = "eval"  # eval | train: that side of data.split_fraction; "": all prompts
   c.generate.num_prompts = 64  # first N unique prompts (0: all)
-  c.generate.reward_model = None  # RM scoring every response (None: unscored, no report)
+  c.generate.reward_model = placeholder(str)  # RM scoring every response (None: unscored, no report)
   c.generate.plot = True  # write the score-distribution PNG
   add_sample_keys(c, num_samples=1, max_new_tokens=64, batch_size=16)
   if a.runlocal:

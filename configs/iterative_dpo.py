@@ -16,6 +16,8 @@ go to `<workdir>/iterative_metrics.jsonl`. Re-running the command resumes.
 import os
 import sys
 
+from ml_collections.config_dict import placeholder
+
 try:
   from configs import common
   from configs import eval_reward
@@ -40,7 +42,7 @@ def get_config(arg=None):
   c.model.num_kv_heads = 1  # quickstart size
   c.model.head_dim = 16  # quickstart size
   c.model.hidden_dim = 256  # quickstart size
-  c.model.init = None  # π_0: the SFT policy (prefjax workdir or HF dir; required)
+  c.model.init = placeholder(str)  # π_0: the SFT policy (prefjax workdir or HF dir; required)
   c.loss.name = "dpo"  # the loss of every iteration
   c.loss.beta = 0.1  # DPO β (Lin et al. 2024 use 0.1)
   c.reference.mode = "model"  # live frozen reference (the per-iteration data is small)
@@ -55,7 +57,7 @@ def get_config(arg=None):
 
   c.iterative = type(c)()
   c.iterative.num_iterations = 2  # T
-  c.iterative.prompts = None  # prompt file(s) (None: data.train)
+  c.iterative.prompts = placeholder(str)  # prompt file(s) (None: data.train)
   c.iterative.prompt_split = "train"  # train | eval side of data.split_fraction; "": all
   c.iterative.num_prompts = 512  # first N unique prompts (0: all)
   c.iterative.split_prompts = False  # True: a disjoint 1/T of the prompts per iteration
@@ -65,10 +67,10 @@ def get_config(arg=None):
 
   c.annotator = type(c)()
   c.annotator.kind = "explicit"  # explicit: reward model | implicit: DPO policy's implicit reward
-  c.annotator.path = None  # the RM or DPO policy (prefjax workdir or HF dir; required)
-  c.annotator.reference = None  # implicit: the DPO policy's reference (None: from its workdir)
-  c.annotator.method = None  # implicit: reward definition (None: the DPO run's loss.name)
-  c.annotator.beta = None  # implicit: β (None: the DPO run's loss.beta)
+  c.annotator.path = placeholder(str)  # the RM or DPO policy (prefjax workdir or HF dir; required)
+  c.annotator.reference = placeholder(str)  # implicit: the DPO policy's reference (None: from its workdir)
+  c.annotator.method = placeholder(str)  # implicit: reward definition (None: the DPO run's loss.name)
+  c.annotator.beta = placeholder(float)  # implicit: β (None: the DPO run's loss.beta)
 
   generate.add_sample_keys(c, num_samples=4, max_new_tokens=64, batch_size=32)
   if a.runlocal:

@@ -15,8 +15,14 @@
 # Sizes come from the environment; SHORT=1 gives a minutes-long smoke version:
 #   W=/tmp/lin2024 SFT_STEPS=1000 RM_STEPS=600 DPO_STEPS=600 ITER_STEPS=100 bash scripts/reproduce_lin2024.sh
 #   SHORT=1 W=/tmp/lin2024_short bash scripts/reproduce_lin2024.sh
-# Every step resumes when re-run (same command).
+# Every step resumes when re-run (same command). PARALLEL=1 runs the independent steps
+# (RM and DPO; eval and the two iterative runs) concurrently.
 set -euo pipefail
+
+# Runs "$@" in the background when PARALLEL=1 (collected by `join`), else now.
+PIDS=()
+step() { if [[ "${PARALLEL:-0}" == 1 ]]; then "$@" & PIDS+=($!); else "$@"; fi; }
+join() { local p; for p in "${PIDS[@]}"; do wait "$p"; done; PIDS=(); }
 
 W=${W:-/tmp/lin2024}
 D=${D:-prefjax/assets/data/hh_rlhf_helpful_base/test.jsonl.gz}  # HH-RLHF helpful-base (2,354 pairs)
@@ -41,28 +47,30 @@ $MAIN --config=configs/quickstart.py --workdir="$W/sft" "${DATA[@]}" \
   --config.optim.learning_rate=1e-3 --config.eval.num_batches=4 --config.ckpt.every_steps=100
 
 echo "== 2a. explicit Bradley-Terry RM ($RM_STEPS steps) from the SFT model"
-$MAIN --config=configs/quickstart.py:rm --workdir="$W/rm" "${DATA[@]}" \
+step $MAIN --config=configs/quickstart.py:rm --workdir="$W/rm" "${DATA[@]}" \
   --config.model.init="$W/sft" --config.total_steps="$RM_STEPS" --config.eval.num_batches=8
 
 echo "== 2b. DPO (beta 0.1, $DPO_STEPS steps) from the SFT model, reference = SFT model"
-$MAIN --config=configs/quickstart.py --workdir="$W/dpo" "${DATA[@]}" \
+step $MAIN --config=configs/quickstart.py --workdir="$W/dpo" "${DATA[@]}" \
   --config.model.init="$W/sft" --config.total_steps="$DPO_STEPS" --config.loss.beta=0.1 \
   --config.eval.num_batches=8
+join
 
 echo "== 3. implicit (DPO) vs explicit RM: $EVAL_SETS"
-$MAIN --config=configs/eval_implicit_reward.py --workdir="$W/eval" \
+step $MAIN --config=configs/eval_implicit_reward.py --workdir="$W/eval" \
   --config.data.split_fraction=0.8 --config.log.progress=False \
   --config.model.init="$W/dpo" --config.eval.reward_model="$W/rm" --config.eval.sets="$EVAL_SETS"
 
 for KIND in explicit implicit; do
   if [[ $KIND == explicit ]]; then ANN="$W/rm"; else ANN="$W/dpo"; fi
   echo "== 4. iterative DPO, annotator = $KIND ($ANN), 2 iterations x $ITER_STEPS steps, K=$K"
-  $MAIN --config=configs/iterative_dpo.py --workdir="$W/iter_$KIND" "${DATA[@]}" \
+  step $MAIN --config=configs/iterative_dpo.py --workdir="$W/iter_$KIND" "${DATA[@]}" \
     --config.model.init="$W/sft" --config.annotator.kind=$KIND --config.annotator.path="$ANN" \
     --config.iterative.num_iterations=2 --config.total_steps="$ITER_STEPS" \
     --config.iterative.num_prompts="$NUM_PROMPTS" --config.sample.num_samples="$K" \
     --config.sample.max_new_tokens="$NEW_TOKENS"
 done
+join
 
 echo "== 5. generations on held-out prompts, scored by the explicit RM"
 $MAIN --config=configs/generate.py --workdir="$W/generate" "${DATA[@]}" \
