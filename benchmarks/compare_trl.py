@@ -1071,6 +1071,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--tiny", action="store_true", help="tiny model, 2 steps per side (smoke test)")
   p.add_argument("--verbose", action="store_true", help="worker output to this stderr")
   p.add_argument("--out", default=None, help="also write the final JSON here")
+  p.add_argument("--peer", default=None, choices=["tunix"],
+                 help="also run a JAX peer; skipped (reported as such) when not installed")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_workdir", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -1098,6 +1100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
   result = orchestrate(args)
+  if args.peer == "tunix":
+    import importlib.util
+    found = importlib.util.find_spec("tunix") is not None
+    # No tunix runner is implemented: report the peer as skipped either way, never silently.
+    result["peers"] = {"tunix": "installed, but no runner is implemented" if found
+                       else "skipped: google-tunix is not installed"}
   _print_table(result)
   line = json.dumps(result, sort_keys=True, default=float)
   if args.out:
