@@ -11,25 +11,20 @@ import sys
 
 try:
   from configs import common
+  from configs import dpo_gemma2b
 except ImportError:  # run from outside the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
+  from configs import dpo_gemma2b
 
 
 def get_config(arg=None):
   """DPO of Gemma 7B, TPU pod slice (FSDP, live reference model); `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
-  c = common.base_config()
+  # Everything as dpo_gemma2b.py except the model, its memory plan and the settings below.
+  c = dpo_gemma2b.get_config()
   common.gemma_tpu(c, "gemma_7b", remat="full")
-  c.task = "preference"
-  c.loss.name = "dpo"
-  c.loss.beta = 0.03
-  c.loss.label_smoothing = 0.0  # conservative DPO when > 0
   c.reference.mode = "model"  # or precomputed: one pass, then the reference leaves memory
-  c.num_epochs = 2.0
-  c.optim.learning_rate = 1e-6
-  c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 100
   c.data.batch_size = 128
   if a.runlocal:
     common.runlocal(c)

@@ -11,28 +11,20 @@ import sys
 
 try:
   from configs import common
+  from configs import rm_gemma2b
 except ImportError:  # run from outside the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
+  from configs import rm_gemma2b
 
 
 def get_config(arg=None):
   """Bradley–Terry reward model from Gemma 7B, TPU pod slice (FSDP); `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
-  c = common.base_config()
+  # Everything as rm_gemma2b.py except the model, its memory plan and the settings below.
+  c = rm_gemma2b.get_config()
   common.gemma_tpu(c, "gemma_7b", remat="full")
-  c.task = "reward"
-  c.loss.name = "bradley_terry"  # or kwise (data.kind=rankings)
-  c.loss.beta = None  # unused by reward models
-  c.loss.use_margin = False  # subtract the record's `margin` (Llama 2) when the data has one
-  c.loss.center_rewards_coefficient = 0.01  # Eisenstein et al. 2023 reward centring
-  c.reference.mode = "none"
-  c.model.num_reward_heads = 1
-  c.num_epochs = 1.0
   c.optim.learning_rate = 5e-6
-  c.optim.warmup_steps = 50
-  c.data.batch_size = 64
-  c.ckpt.best_metric = "eval/accuracy"
   if a.runlocal:
     common.runlocal(c)
   return c
