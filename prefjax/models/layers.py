@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.models.config import GLOBAL, LOCAL, ModelConfig, rope_inv_freq
+from prefjax.models.gated_mlp import gated_mlp
 
 # Large negative logit for masked keys (Gemma's K_MASK); finite so fully-masked rows stay finite.
 K_MASK = -2.3819763e38
@@ -186,15 +187,13 @@ class FeedForward(nn.Module):
     if c.transpose_gating_einsum:
       w = self.param("gating_einsum", lp(normal_init(d ** -0.5), (None, "mlp", "embed")),
                      (2, f, d), pd)
-      gate = jnp.einsum("BTD,CFD->CBTF", x, jnp.asarray(w, c.jnp_dtype))
     else:
       w = self.param("gating_einsum", lp(normal_init(d ** -0.5), (None, "embed", "mlp")),
                      (2, d, f), pd)
-      gate = jnp.einsum("BTD,CDF->CBTF", x, jnp.asarray(w, c.jnp_dtype))
-    act = nn.gelu(gate[0], approximate=True) if c.activation == "gelu" else nn.silu(gate[0])
-    hidden = constrain(act * gate[1], ("batch", "length", "activation_mlp"))
     w_out = self.param("linear", lp(normal_init(f ** -0.5), ("mlp", "embed")), (f, d), pd)
-    return jnp.einsum("BTF,FD->BTD", hidden, jnp.asarray(w_out, c.jnp_dtype))
+    return gated_mlp(x, jnp.asarray(w, c.jnp_dtype), jnp.asarray(w_out, c.jnp_dtype),
+                     c.activation, bool(c.transpose_gating_einsum),
+                     ("batch", "length", "activation_mlp"))
 
 
 class Block(nn.Module):

@@ -214,36 +214,58 @@ class Trainer:
                                 progress=bool(c.log.get("progress", True)))
     self.step_fn = None
     last: dict[str, Any] = {"step": start}
-    best = None
     t_prev = time.perf_counter()
+    pending = None  # (step, device metrics, local batch, data wait s) not yet on the host
+
+    def flush():
+      # Step N's metrics are fetched after step N+1 is dispatched, so the host never idles
+      # the device on a transfer; flushed before anything that must see them (eval, save,
+      # the signal check, the end).
+      nonlocal pending, t_prev, last
+      if pending is not None:
+        n, dev_metrics, batch_local, wait = pending
+        pending = None
+        metrics = jax.device_get(dev_metrics)
+        now = time.perf_counter()
+        last = self._after_step(n, metrics, batch_local, now - t_prev, wait)
+        t_prev = now
+
     with _StopSignal() as stop:
       step = start
       while step < self.total_steps:
+        t_wait = time.perf_counter()
         local = next(data_iter)
-        state, metrics = self._train_one(state, local)
+        batch = self._global_batch(local)
+        wait = time.perf_counter() - t_wait
+        state, metrics = self._train_one(state, batch)
         step += 1
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        last = self._after_step(step, metrics, local, now - t_prev)
-        t_prev = now
+        flush()
+        pending = (step, metrics, local, wait)
+        every_log = int(c.log.every_steps)
+        due = (self._eval_due(step) or self._save_due(step) or step % every_log == 0
+               or step == self.total_steps or _debug_signal_due(c.train, step)
+               or stop.requested(sync=False))
+        if not due:
+          continue
+        flush()
         evals = self._maybe_eval(step, state)
         if evals:
           last.update(evals)
         self._maybe_save(step, state, data_iter, evals)
         _debug_signal(c.train, step)
-        if stop.requested(sync=step % int(c.log.every_steps) == 0):
+        if stop.requested(sync=step % every_log == 0):
           logging.warning("signal %s: saving step %d and exiting", stop.signum, step)
           self._save(step, state, data_iter, None, force=True)
           last["stopped_by_signal"] = stop.signum
           break
       else:
+        flush()
         self._save(step, state, data_iter, None, force=True)
     self.ckpt.wait()
     self.final_state = state
     return last
 
-  def _train_one(self, state, local):
-    batch = self._global_batch(local)
+  def _train_one(self, state, batch):
     if self.step_fn is None:
       self.batch_sh = step_lib.batch_shardings(batch, self.mesh)
       self.step_fn = step_lib.jit_train_step(
@@ -252,7 +274,8 @@ class Trainer:
     with jax.transfer_guard("disallow"):
       return self.step_fn(state, batch)
 
-  def _after_step(self, step: int, metrics: Any, local: dict, dt: float) -> dict[str, Any]:
+  def _after_step(self, step: int, metrics: Any, local: dict, dt: float,
+                  data_wait: float) -> dict[str, Any]:
     m = {k: float(v) for k, v in metrics.items()}
     if m.pop("nonfinite") > 0:
       msg = (f"non-finite loss or gradient at step {step} (loss={m['loss']}, "
@@ -264,17 +287,26 @@ class Trainer:
       m["skipped"] = 1.0
     tokens = data_io.real_tokens(local) * jax.process_count()
     m["tokens_per_s"] = tokens / max(dt, 1e-9)
+    m["perf/step_s"] = dt
+    m["perf/data_wait_s"] = data_wait  # host time to get and shard the batch
     self.writer.progress(step, m["loss"], m["tokens_per_s"])
     every = int(self.config.log.every_steps)
     if step % every == 0 or step == 1 or step == self.total_steps:
       self.writer.write(step, m)
     return {"step": step, **m}
 
-  def _maybe_eval(self, step: int, state) -> Optional[dict[str, float]]:
+  def _eval_due(self, step: int) -> bool:
     every = int(self.config.eval.every_steps)
     if not every or not data_io.has_eval(self.config):
-      return None
-    if step % every and step != self.total_steps:
+      return False
+    return step % every == 0 or step == self.total_steps
+
+  def _save_due(self, step: int) -> bool:
+    every = int(self.config.ckpt.every_steps)
+    return bool(every and step % every == 0)
+
+  def _maybe_eval(self, step: int, state) -> Optional[dict[str, float]]:
+    if not self._eval_due(step):
       return None
     ev = self.evaluate(state)
     self.writer.write(step, ev)
@@ -318,6 +350,10 @@ class Trainer:
       self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
+
+
+def _debug_signal_due(train_cfg: Any, step: int) -> bool:
+  return int(train_cfg.get("debug_signal_at_step", 0) or 0) == step
 
 
 def _debug_signal(train_cfg: Any, step: int) -> None:

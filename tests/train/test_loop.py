@@ -26,6 +26,12 @@ def test_run_writes_outputs(uninterrupted):
   ls = lh.losses(uninterrupted)
   assert sorted(ls) == list(range(1, 7))
   assert all(np.isfinite(list(ls.values())))
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
+    train_rows = [r for r in map(json.loads, f) if "loss" in r and "perf/step_s" in r]
+  assert len(train_rows) == 6
+  assert all(r["perf/data_wait_s"] >= 0 and r["perf/step_s"] > 0
+             for r in train_rows)
   ev = lh.eval_rows(uninterrupted)
   assert [r["step"] for r in ev] == [3, 6]
   assert {"eval/loss", "eval/accuracy", "eval/rewards/margins",
