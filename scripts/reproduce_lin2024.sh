@@ -15,6 +15,7 @@
 # Sizes come from the environment; SHORT=1 gives a minutes-long smoke version:
 #   W=/tmp/lin2024 SFT_STEPS=1000 RM_STEPS=600 DPO_STEPS=600 ITER_STEPS=100 bash scripts/reproduce_lin2024.sh
 #   SHORT=1 W=/tmp/lin2024_short bash scripts/reproduce_lin2024.sh
+#   SEEDS="0 1 2" ...   RM + DPO + eval once per seed; the table gives mean ± std over seeds
 # Every step resumes when re-run (same command). PARALLEL=1 runs the independent steps
 # (RM and DPO; eval and the two iterative runs) concurrently.
 set -euo pipefail
@@ -46,23 +47,36 @@ $MAIN --config=configs/quickstart.py --workdir="$W/sft" "${DATA[@]}" \
   --config.task=sft --config.reference.mode=none --config.total_steps="$SFT_STEPS" \
   --config.optim.learning_rate=1e-3 --config.eval.num_batches=4 --config.ckpt.every_steps=100
 
-echo "== 2a. explicit Bradley-Terry RM ($RM_STEPS steps) from the SFT model"
-step $MAIN --config=configs/quickstart.py:rm --workdir="$W/rm" "${DATA[@]}" \
-  --config.model.init="$W/sft" --config.total_steps="$RM_STEPS" --config.eval.num_batches=8
+# Seeds: each seed trains its own RM and DPO policy from the same SFT backbone (config.seed
+# sets the reward-head init and the data order) and evaluates them; iterative DPO and the
+# generations use the first seed's models.
+SEEDS=${SEEDS:-0}
+read -r -a SEED_LIST <<< "$SEEDS"
+S0=${SEED_LIST[0]}
+for S in "${SEED_LIST[@]}"; do
+  echo "== 2a. [seed $S] explicit Bradley-Terry RM ($RM_STEPS steps) from the SFT model"
+  step $MAIN --config=configs/quickstart.py:rm --workdir="$W/seed$S/rm" "${DATA[@]}" \
+    --config.seed="$S" --config.model.init="$W/sft" --config.total_steps="$RM_STEPS" \
+    --config.eval.num_batches=8
 
-echo "== 2b. DPO (beta 0.1, $DPO_STEPS steps) from the SFT model, reference = SFT model"
-step $MAIN --config=configs/quickstart.py --workdir="$W/dpo" "${DATA[@]}" \
-  --config.model.init="$W/sft" --config.total_steps="$DPO_STEPS" --config.loss.beta=0.1 \
-  --config.eval.num_batches=8
+  echo "== 2b. [seed $S] DPO (beta 0.1, $DPO_STEPS steps) from the SFT model, reference = SFT model"
+  step $MAIN --config=configs/quickstart.py --workdir="$W/seed$S/dpo" "${DATA[@]}" \
+    --config.seed="$S" --config.model.init="$W/sft" --config.total_steps="$DPO_STEPS" \
+    --config.loss.beta=0.1 --config.eval.num_batches=8
+  join
+done
+
+for S in "${SEED_LIST[@]}"; do
+  echo "== 3. [seed $S] implicit (DPO) vs explicit RM: $EVAL_SETS"
+  step $MAIN --config=configs/eval_implicit_reward.py --workdir="$W/seed$S/eval" \
+    --config.data.split_fraction=0.8 --config.log.progress=False \
+    --config.model.init="$W/seed$S/dpo" --config.eval.reward_model="$W/seed$S/rm" \
+    --config.eval.sets="$EVAL_SETS"
+done
 join
 
-echo "== 3. implicit (DPO) vs explicit RM: $EVAL_SETS"
-step $MAIN --config=configs/eval_implicit_reward.py --workdir="$W/eval" \
-  --config.data.split_fraction=0.8 --config.log.progress=False \
-  --config.model.init="$W/dpo" --config.eval.reward_model="$W/rm" --config.eval.sets="$EVAL_SETS"
-
 for KIND in explicit implicit; do
-  if [[ $KIND == explicit ]]; then ANN="$W/rm"; else ANN="$W/dpo"; fi
+  if [[ $KIND == explicit ]]; then ANN="$W/seed$S0/rm"; else ANN="$W/seed$S0/dpo"; fi
   echo "== 4. iterative DPO, annotator = $KIND ($ANN), 2 iterations x $ITER_STEPS steps, K=$K"
   step $MAIN --config=configs/iterative_dpo.py --workdir="$W/iter_$KIND" "${DATA[@]}" \
     --config.model.init="$W/sft" --config.annotator.kind=$KIND --config.annotator.path="$ANN" \
@@ -72,34 +86,12 @@ for KIND in explicit implicit; do
 done
 join
 
-echo "== 5. generations on held-out prompts, scored by the explicit RM"
+echo "== 5. generations on held-out prompts, scored by the explicit RM (seed $S0)"
 $MAIN --config=configs/generate.py --workdir="$W/generate" "${DATA[@]}" \
   --config.generate.policies="sft=$W/sft,iter_explicit=$W/iter_explicit/iter_2,iter_implicit=$W/iter_implicit/iter_2" \
-  --config.generate.reward_model="$W/rm" --config.generate.split=eval \
+  --config.generate.reward_model="$W/seed$S0/rm" --config.generate.split=eval \
   --config.generate.num_prompts="$GEN_PROMPTS" --config.sample.max_new_tokens="$NEW_TOKENS" \
   --config.sample.num_samples=2
 
-echo "== summary"
-python - "$W" <<'PY'
-import json, pathlib, sys
-w = pathlib.Path(sys.argv[1])
-res = json.loads((w / "eval" / "eval_results.json").read_text())
-tags = res["tags"]
-print(f"{'set':32s} {'tag':4s} {'explicit':>9s} {'implicit':>9s}")
-for name in tags:
-  e = res["models"]["explicit"]["sets"][name]["accuracy"]
-  i = res["models"]["implicit"]["sets"][name]["accuracy"]
-  print(f"{name:32s} {tags[name]:4s} {e:9.3f} {i:9.3f}")
-for k in ("explicit", "implicit"):
-  s = res["models"][k]["summary"]
-  print(f"{k}: ID mean {s['id_mean']:.3f}  OOD mean {s['ood_mean']:.3f}  drop {s['drop']:.3f}")
-for kind in ("explicit", "implicit"):
-  for line in (w / f"iter_{kind}" / "iterative_metrics.jsonl").read_text().splitlines():
-    r = json.loads(line)
-    print(f"iter[{kind}] {r['stage']:9s} it={r['iteration']} policy={pathlib.Path(r['policy']).name:9s} "
-          f"annotator reward {r['reward_mean']:+.4f}  KL~{r['kl_to_initial']:.3f}  "
-          f"len {r['response_length']:.1f}  pairs {r.get('num_pairs', '-')}")
-gen = json.loads((w / "generate" / "generation_eval.json").read_text())
-for name, st in gen["policies"].items():
-  print(f"generate {name:14s} RM score mean {st['mean']:+.4f} (n={st['n']})")
-PY
+echo "== summary (Markdown; also written to $W/summary.md)"
+python scripts/lin2024_table.py "$W" | tee "$W/summary.md"
