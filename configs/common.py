@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
   c.train.logps_implementation = placeholder(str)  # custom_vjp | checkpoint | None: ops default
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
+  # JAX persistent compilation cache: a re-run / resume with the same shapes skips XLA
+  # compilation (None: off; e.g. ~/.cache/prefjax/xla, or a bucket path on TPU VMs).
+  c.train.compilation_cache_dir = placeholder(str)
   c.train.debug_signal_at_step = 0  # testing: send debug_signal to this process after step N (0 off)
   c.train.debug_signal = "SIGKILL"  # testing: SIGKILL (crash) or SIGTERM (preemption)
 

@@ -109,11 +109,27 @@ def main(argv: list[str]) -> None:
   from prefjax.train import loop, validation as validate  # pylint: disable=g-import-not-at-top
   user_errors = (UsageError, validate.ConfigError, checkpoint.CheckpointError,
                  loop.NonFiniteLossError, data.DataError)
+  _maybe_enable_compilation_cache(config)
   try:
     dispatch(config, os.path.expanduser(_WORKDIR.value))
   except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _maybe_enable_compilation_cache(config) -> None:
+  """Turns on JAX's persistent compilation cache at `train.compilation_cache_dir`, if set."""
+  path = (config.get("train") or {}).get("compilation_cache_dir") if hasattr(config, "get") else None
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(path)
+  if "://" not in path:
+    os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  logging.info("persistent compilation cache: %s", path)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

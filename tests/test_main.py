@@ -58,3 +58,19 @@ def test_unknown_loss_hyperparameter_is_named():
   c.loss.simpo_gamma = 0.5  # not a DPO hyperparameter
   with pytest.raises(validation.ConfigError, match="config.loss.simpo_gamma"):
     validation.validate(c)
+
+
+def test_compilation_cache_dir_is_filled_and_reused(tmp_path):
+  """train.compilation_cache_dir turns on JAX's persistent cache: the first run writes the
+  compiled train step there, a second run with the same shapes finds it (no new entries)."""
+  data = lh.write_pairs(tmp_path / "pairs.jsonl", n=32)
+  cache = tmp_path / "xla_cache"
+  args = lh.overrides(data, total_steps=2, **{"train.compilation_cache_dir": str(cache),
+                                               "eval.every_steps": 0})
+  r = lh.run_main(str(tmp_path / "a"), args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  first = set(p.name for p in cache.iterdir())
+  assert first, "nothing was written to the compilation cache"
+  r = lh.run_main(str(tmp_path / "b"), args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert set(p.name for p in cache.iterdir()) == first
