@@ -79,6 +79,7 @@ def _cell(text: str, max_chars: int) -> str:
   text = " ".join(text.split("\n\n")).strip()
   if len(text) > max_chars:
     text = text[:max_chars - 1].rstrip() + "…"
+  text = text.replace("\r\n", "\n").replace("\r", "\n")  # a bare CR would end the table row
   return text.replace("|", "\\|").replace("\n", "<br>")
 
 

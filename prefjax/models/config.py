@@ -243,3 +243,18 @@ def rope_inv_freq(cfg: ModelConfig, layer_type: str) -> tuple[float, ...]:
           cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
       out.append((1 - smooth) * f / cfg.rope_factor + smooth * f)
   return tuple(out)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+  """JSON-ready dict of every field (what a workdir's config.json records as `resolved_model`)."""
+  return {f.name: (list(v) if isinstance(v, tuple) else v)
+          for f in dataclasses.fields(cfg) for v in [getattr(cfg, f.name)]}
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+  """Inverse of `config_to_dict`; unknown keys are an error (a config from a newer version)."""
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown ModelConfig fields {unknown}")
+  return ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

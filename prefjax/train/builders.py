@@ -4,6 +4,7 @@ Only `run()` (and `main.py`) read the config; these helpers take the pieces they
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -81,7 +82,7 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
   kind = init_kind(path)
   if kind == "workdir":
     from prefjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    cfg = model_config(model, task=source_task(path, task))
+    cfg = saved_model_config(path, model, task=source_task(path, task))
     sh = models.param_shardings(cfg, mesh, rules)
     abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
                             models.abstract_params(cfg), sh)
@@ -99,6 +100,24 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
     cfg, params = models.load_flax_gemma_checkpoint(path, model.preset, mesh=mesh, rules=rules,
                                                     **runtime)
   return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
+
+
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
+
+
+def saved_model_config(workdir: str, model: Any, *, task: str) -> Any:
+  """The ModelConfig a prefjax workdir was trained with: its config.json `resolved_model`
+  (written since 2026-12) with the runtime keys (dtype, remat, ...) of `model`, or, for older
+  workdirs, `model`'s own keys."""
+  path = os.path.join(workdir, "config.json")
+  resolved = None
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      resolved = json.load(f).get("resolved_model")
+  if not resolved:
+    return model_config(model, task=task)
+  from prefjax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
+  return model_config(model, task=task, base=model_config_lib.config_from_dict(resolved))
 
 
 def source_task(workdir: str, default: str) -> str:

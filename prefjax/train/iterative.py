@@ -14,7 +14,7 @@ Reward Model Induced by Direct Preference Optimization"): starting from π_0 =
 
 Layout of the workdir (everything is kept; a re-run resumes):
 
-  iter_{t}/samples.jsonl         every sample: {"prompt", "responses", "scores", "lengths"}
+  iter_{t}/samples.jsonl         every sample: {"prompt", "prompt_text", "responses", "scores"}
   iter_{t}/generation_stats.json annotator reward / KL / length of π_{t-1}'s samples
   iter_{t}/data.jsonl            the pairs {"prompt", "chosen", "rejected"} (explicit format)
   iter_{t}/checkpoints, metrics.jsonl, config.json   the DPO run of iteration t

@@ -132,8 +132,14 @@ class Trainer:
 
   def _write_config(self) -> None:
     if jax.process_index() == 0:
+      # `resolved_model`: the architecture actually trained (for a run initialised from an
+      # HF / Flax checkpoint it differs from the recipe's `model.*` keys); loading this
+      # workdir later (model.init, eval tasks) builds the model from it.
+      from prefjax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
+      data = json.loads(self.config.to_json_best_effort())
+      data["resolved_model"] = model_config_lib.config_to_dict(self.model_cfg)
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(self.config.to_json_best_effort(indent=1, sort_keys=True))
+        json.dump(data, f, indent=1, sort_keys=True)
 
   def _initial_params(self) -> Any:
     if self._pretrained is not None:

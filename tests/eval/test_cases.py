@@ -47,3 +47,8 @@ def test_write_generation_report(tmp_path):
   md = paths["markdown"].read_text()
   assert "| base | 5 | 3.200 |" in md and "Win rate of dpo over base" in md
   assert "| 1 | p2 |" in md
+
+
+def test_cell_turns_carriage_returns_into_breaks():
+  from prefjax.eval.cases import _cell  # pylint: disable=g-import-not-at-top
+  assert _cell("a\rb\r\nc|d", 100) == "a<br>b<br>c\\|d"

@@ -97,3 +97,25 @@ def test_precomputed_reference_matches_live_reference(tmp_path, data_path, unint
   np.testing.assert_allclose([pre[s] for s in (1, 2, 3)], [live[s] for s in (1, 2, 3)],
                              rtol=2e-5, atol=1e-6)
   assert os.listdir(os.path.join(wd, "ref_logps"))
+
+
+def test_workdir_initialised_from_hf_records_its_architecture(tmp_path, data_path):
+  """A run started from an HF checkpoint whose architecture differs from the recipe's saves
+  the resolved architecture, so a second run initialised from that workdir (with the recipe's
+  own model keys) loads it without shape errors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from prefjax import models  # pylint: disable=g-import-not-at-top
+  cfg = models.get_config("tiny_gemma", vocab_size=32_000, embed_dim=48, num_layers=3)
+  models.save_hf_checkpoint(cfg, models.init_params(cfg, jax.random.PRNGKey(0)), tmp_path / "hf")
+  args = lh.overrides(data_path, total_steps=2, **{"eval.every_steps": 0,
+                                                   "reference.mode": "none",
+                                                   "loss.name": "simpo"})
+  first = tmp_path / "first"
+  r = lh.run_main(str(first), args + [f"--config.model.init={tmp_path / 'hf'}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  saved = json.loads((first / "config.json").read_text())["resolved_model"]
+  assert (saved["embed_dim"], saved["num_layers"]) == (48, 3)
+  r = lh.run_main(str(tmp_path / "second"), args + [f"--config.model.init={first}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert sorted(lh.losses(str(tmp_path / "second"))) == [1, 2]
