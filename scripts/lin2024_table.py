@@ -22,7 +22,8 @@ import sys
 KINDS = ("explicit", "implicit")
 
 
-def mean_std(xs: list[float]) -> str:
+def mean_std(xs: list) -> str:
+  xs = [x for x in xs if x is not None and x == x]  # None / NaN: not measured
   if not xs:
     return "–"
   if len(xs) == 1:
@@ -43,9 +44,18 @@ def eval_tables(root: pathlib.Path) -> list[str]:
   for name, tag in tags.items():
     acc = {k: [r["models"][k]["sets"][name]["accuracy"] for r in results] for k in KINDS}
     diff = [i - e for e, i in zip(acc["explicit"], acc["implicit"])]
-    n = results[0]["models"]["explicit"]["sets"][name].get("n", "")
+    n = results[0]["models"]["explicit"]["sets"][name].get("n_pairs", "")
     out.append(f"| {name} | {tag} | {n} | {mean_std(acc['explicit'])} | "
                f"{mean_std(acc['implicit'])} | {mean_std(diff)} |")
+  out += ["", "Length bias (`length_bias` in eval_results.json): how often the longer response of a "
+          "pair is the chosen one, and how often each reward scores the longer one higher.", "",
+          "| set | chosen is longer | explicit prefers longer | implicit prefers longer |",
+          "|---|---:|---:|---:|"]
+  for name in tags:
+    lb = {k: [r["models"][k]["sets"][name]["length_bias"] for r in results] for k in KINDS}
+    out.append(f"| {name} | {mean_std([lb['explicit'][0]['frac_chosen_longer']])} | "
+               f"{mean_std([x['frac_longer_preferred'] for x in lb['explicit']])} | "
+               f"{mean_std([x['frac_longer_preferred'] for x in lb['implicit']])} |")
   out += ["", "| kind | ID mean | OOD mean | ID − OOD drop |", "|---|---:|---:|---:|"]
   for k in KINDS:
     s = [r["models"][k]["summary"] for r in results]
