@@ -112,8 +112,11 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   from prefjax import models, sharding  # pylint: disable=g-import-not-at-top
   from prefjax.train import optimizer, state as state_lib, step as step_lib, tasks  # pylint: disable=g-import-not-at-top
   task, loss, ref_mode = TASKS[name]
+  extra = {"num_layers": args.layers} if args.layers else {}
+  if args.scan_layers:
+    extra["scan_layers"] = True
   cfg = models.get_config(args.preset, dtype=args.dtype, remat=args.remat,
-                          num_reward_heads=1 if task == "reward" else 0)
+                          num_reward_heads=1 if task == "reward" else 0, **extra)
   mesh = sharding.make_mesh({"fsdp": -1})
   rules = sharding.LOGICAL_AXIS_RULES
   loss_cfg = ml_collections.ConfigDict({"name": loss, "beta": 0.1} if task != "reward"
@@ -141,12 +144,16 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
     compiled = fn.lower(st, gb).compile()
     compile_s = time.perf_counter() - t0
     times = []
-    for i in range(args.warmup + args.steps):
+    for i in range(0 if args.compile_only else args.warmup + args.steps):
       t0 = time.perf_counter()
       st, m = compiled(st, gb)
       jax.block_until_ready(m["loss"])
       if i >= args.warmup:
         times.append(time.perf_counter() - t0)
+  if args.compile_only:
+    return {"preset": args.preset, "task": name, "layout": layout, "layers": cfg.num_layers,
+            "scan_layers": cfg.scan_layers, "compile_s": round(compile_s, 3),
+            "devices": jax.device_count()}
   step_s = statistics.median(times)
   real = int((batch["segment_ids"] > 0).sum())
   n_params = models.count_params(params)
@@ -179,6 +186,9 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--peak-flops", type=float, default=180e9)
   p.add_argument("--tiny", action="store_true", help="tiny_gemma, short sequences")
+  p.add_argument("--layers", type=int, default=None, help="override the preset's num_layers")
+  p.add_argument("--scan-layers", action="store_true", help="nn.scan over the layers")
+  p.add_argument("--compile-only", action="store_true", help="only lower + compile the step")
   args = p.parse_args(argv)
   if args.tiny:
     args.preset, args.prompt_len, args.min_response, args.max_response = "tiny_gemma", 8, 4, 8

@@ -88,3 +88,12 @@ def test_compare_trl_tiny_reward_agrees():
             "first_loss_rel_diff"):
     assert k in res
   assert res["first_loss_rel_diff"] < 1e-4
+
+
+def test_scaling_tiny_sweeps_print_json():
+  """benchmarks/scaling.py runs train_step.py per point; tiny model, one point per sweep."""
+  s = _run([str(BENCH / "scaling.py"), "--preset", "tiny_gemma", "--sweeps", "seq,compile",
+            "--seq", "96", "--layers", "2", "--steps", "1", "--warmup", "0"], timeout=600)
+  assert s["summary"] and set(s["seq"]) == {"96"}
+  assert s["seq"]["96"]["step_s"] > 0 and s["seq"]["96"]["real_tokens_per_s"] > 0
+  assert set(s["compile_s"]) == {"2", "2_scan"} and all(v > 0 for v in s["compile_s"].values())
