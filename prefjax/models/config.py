@@ -68,6 +68,9 @@ class ModelConfig:
   remat: str = "none"  # none | full | save_dots
   scan_layers: bool = False  # nn.scan over repeats of `attention_pattern`
   attention_impl: str = "xla"
+  # Queries longer than this are attended in blocks of this many, each block rematerialised
+  # in the backward pass, so the f32 [B, T, N, S] scores never exist whole (0: never).
+  attention_query_block: int = 1024
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -86,6 +89,8 @@ class ModelConfig:
       raise ValueError(f"rope_scaling={self.rope_scaling!r}; expected none | linear | llama3")
     if self.attention_impl != "xla":
       raise ValueError(f"attention_impl={self.attention_impl!r}: only 'xla' is implemented")
+    if self.attention_query_block < 0:
+      raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0")
 
   @property
   def layer_types(self) -> tuple[str, ...]:

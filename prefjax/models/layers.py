@@ -107,6 +107,47 @@ def update_cache(cache: LayerCache, k: jax.Array, v: jax.Array,
   }
 
 
+def attend(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
+           softcap: float | None) -> jax.Array:
+  """Softmax attention: qg [B,T,K,G,H], key/val [B,S,K,H], mask [B,T,S] -> [B,T,K,G,H].
+
+  Scores in float32 (Gemma 2 soft-capping `c * tanh(s / c)` when `softcap`)."""
+  logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, key, preferred_element_type=jnp.float32)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask[:, :, None, None, :], logits, K_MASK)
+  probs = jax.nn.softmax(logits, axis=-1).astype(val.dtype)
+  return jnp.einsum("BTKGS,BSKH->BTKGH", probs, val)
+
+
+def blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
+                      softcap: float | None, block: int) -> jax.Array:
+  """`attend` over query blocks of `block` rows (a `lax.scan` of a rematerialised body).
+
+  Exact (each query row's softmax is over all S keys); peak memory holds one block's
+  [B, block, K, G, S] scores instead of all T rows', and the backward pass recomputes each
+  block's scores (memory-efficient attention in the sense of Rabe & Staats 2021, chunked over
+  queries only). T need not be a multiple of `block` (padded rows are masked out and dropped).
+  """
+  b, t = qg.shape[:2]
+  nb = -(-t // block)
+  pad = nb * block - t
+  if pad:
+    qg = jnp.pad(qg, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  q_blocks = jnp.moveaxis(qg.reshape((b, nb, block) + qg.shape[2:]), 1, 0)
+  m_blocks = jnp.moveaxis(mask.reshape(b, nb, block, mask.shape[-1]), 1, 0)
+
+  @jax.checkpoint
+  def body(carry, xs):
+    q_b, m_b = xs
+    return carry, attend(q_b, key, val, m_b, softcap)
+
+  _, out = jax.lax.scan(body, None, (q_blocks, m_blocks))
+  out = jnp.moveaxis(out, 0, 1).reshape((b, nb * block) + out.shape[3:])
+  return out[:, :t]
+
+
 class Attention(nn.Module):
   """Multi-head / multi-query / grouped-query attention with Gemma 2/3 options."""
 
@@ -161,12 +202,12 @@ class Attention(nn.Module):
     b, t, n, h = q.shape
     g = n // c.num_kv_heads
     qg = q.reshape(b, t, c.num_kv_heads, g, h)
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, key, preferred_element_type=jnp.float32)
-    if c.attn_logit_softcap is not None:
-      logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-    logits = jnp.where(mask[:, :, None, None, :], logits, K_MASK)
-    probs = jax.nn.softmax(logits, axis=-1).astype(val.dtype)
-    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+    block = c.attention_query_block
+    if cache is None and block and t > block:
+      encoded = blocked_attention(qg, key, val, mask, c.attn_logit_softcap, block)
+    else:
+      encoded = attend(qg, key, val, mask, c.attn_logit_softcap)
+    encoded = encoded.reshape(b, t, n, h)
     out = Einsum((n, h, c.embed_dim), ("heads", "head_dim", "embed"), stddev=(n * h) ** -0.5,
                  dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, name="attn_vec_einsum")(
                      "BTNH,NHD->BTD", encoded)
