@@ -111,24 +111,24 @@ def env(tmp_path_factory):
   return {"root": root, "slice": slice_path, "times": {}}
 
 
-@pytest.fixture(scope="module")
-def rm_run(env):
-  wd = env["root"] / "rm"
-  env["times"]["rm"] = _run(wd, _args(DATA, LENGTHS, MODEL, {
+def _train(env, name: str, config: str):
+  """A STEPS-step training run of `config` on the shipped data; returns its workdir."""
+  wd = env["root"] / name
+  env["times"][name] = _run(wd, _args(DATA, LENGTHS, MODEL, {
       "total_steps": STEPS, "optim.warmup_steps": 0, "data.batch_size": 8,
       "ckpt.every_steps": STEPS, "log.every_steps": 1, "eval.every_steps": STEPS,
-      "eval.num_batches": 1}), "configs/quickstart.py:rm")
+      "eval.num_batches": 1}), config)
   return wd
+
+
+@pytest.fixture(scope="module")
+def rm_run(env):
+  return _train(env, "rm", "configs/quickstart.py:rm")
 
 
 @pytest.fixture(scope="module")
 def dpo_run(env):
-  wd = env["root"] / "dpo"
-  env["times"]["dpo"] = _run(wd, _args(DATA, LENGTHS, MODEL, {
-      "total_steps": STEPS, "optim.warmup_steps": 0, "data.batch_size": 8,
-      "ckpt.every_steps": STEPS, "log.every_steps": 1, "eval.every_steps": STEPS,
-      "eval.num_batches": 1}), "configs/quickstart.py")
-  return wd
+  return _train(env, "dpo", "configs/quickstart.py")
 
 
 @pytest.fixture(scope="module")
