@@ -66,7 +66,7 @@ def saved_config(path: Optional[str]) -> Optional[dict[str, Any]]:
   return json.loads(f.read_text(encoding="utf-8"))
 
 
-RUNTIME_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
+RUNTIME_KEYS = builders.RUNTIME_KEYS
 ARCH_KEYS = tuple(k for k in builders.MODEL_OVERRIDES
                   if k not in RUNTIME_KEYS + ("num_reward_heads",))
 

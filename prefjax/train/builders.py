@@ -20,6 +20,8 @@ from prefjax import sharding as sharding_lib
 MODEL_OVERRIDES = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
                    "head_dim", "hidden_dim", "dtype", "param_dtype", "remat", "scan_layers",
                    "num_reward_heads", "final_logit_softcap", "sliding_window")
+# Model keys that change how a checkpoint runs, not what it is.
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
 def maybe_initialize_distributed(dist: Any) -> None:
@@ -92,17 +94,13 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
     finally:
       ckpt.close()
     return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
-  runtime = {k: model.get(k) for k in ("dtype", "param_dtype", "remat", "scan_layers")
-             if model.get(k) is not None}
+  runtime = {k: model.get(k) for k in RUNTIME_KEYS if model.get(k) is not None}
   if kind == "hf":
     cfg, params = models.load_hf_checkpoint(path, mesh=mesh, rules=rules, **runtime)
   else:
     cfg, params = models.load_flax_gemma_checkpoint(path, model.preset, mesh=mesh, rules=rules,
                                                     **runtime)
   return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
-
-
-RUNTIME_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
 def saved_model_config(workdir: str, model: Any, *, task: str) -> Any:

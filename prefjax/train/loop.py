@@ -342,8 +342,7 @@ class Trainer:
           int(c.eval.get("topk", 10)), int(c.train.logps_chunk_size))
 
   def _maybe_save(self, step: int, state, data_iter, evals) -> None:
-    every = int(self.config.ckpt.every_steps)
-    if (every and step % every == 0) or (evals and self.ckpt.best_metric):
+    if self._save_due(step) or (evals and self.ckpt.best_metric):
       self._save(step, state, data_iter, evals)
 
   def _save(self, step, state, data_iter, evals, force=False) -> None:
