@@ -119,7 +119,7 @@ def main(argv: list[str]) -> None:
 
 def _maybe_enable_compilation_cache(config) -> None:
   """Turns on JAX's persistent compilation cache at `train.compilation_cache_dir`, if set."""
-  path = (config.get("train") or {}).get("compilation_cache_dir") if hasattr(config, "get") else None
+  path = (config.get("train") or {}).get("compilation_cache_dir")
   if not path:
     return
   import jax  # pylint: disable=g-import-not-at-top

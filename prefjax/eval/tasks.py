@@ -60,10 +60,7 @@ def saved_config(path: Optional[str]) -> Optional[dict[str, Any]]:
   """The `config.json` a prefjax training run wrote into its workdir (None otherwise)."""
   if not path or builders.init_kind(path) != "workdir":
     return None
-  f = pathlib.Path(path) / "config.json"
-  if not f.is_file():
-    return None
-  return json.loads(f.read_text(encoding="utf-8"))
+  return builders.saved_run_config(path)
 
 
 RUNTIME_KEYS = builders.RUNTIME_KEYS

@@ -103,15 +103,20 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
   return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
 
 
+def saved_run_config(workdir: str) -> Optional[dict]:
+  """The config.json a prefjax training run wrote into `workdir` (None if there is none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def saved_model_config(workdir: str, model: Any, *, task: str) -> Any:
   """The ModelConfig a prefjax workdir was trained with: its config.json `resolved_model`
   (written since 2026-12) with the runtime keys (dtype, remat, ...) of `model`, or, for older
   workdirs, `model`'s own keys."""
-  path = os.path.join(workdir, "config.json")
-  resolved = None
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      resolved = json.load(f).get("resolved_model")
+  resolved = (saved_run_config(workdir) or {}).get("resolved_model")
   if not resolved:
     return model_config(model, task=task)
   from prefjax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
@@ -120,12 +125,7 @@ def saved_model_config(workdir: str, model: Any, *, task: str) -> Any:
 
 def source_task(workdir: str, default: str) -> str:
   """The task a prefjax workdir was trained for (from its config.json)."""
-  import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return default
-  with open(path, encoding="utf-8") as f:
-    return json.load(f).get("task", default)
+  return (saved_run_config(workdir) or {}).get("task", default)
 
 
 def adapt_head(cfg: Any, params: Any, *, task: str, model: Any, mesh: Mesh, rules: Any
