@@ -101,6 +101,7 @@ class Spec:
   pad_id: int = 2
   workdir: str = ""
   prefjax_step: str = "auto"  # auto | train | local
+  host_malloc: str = "prefjax"  # which sides get glibc's huge-page malloc tunable (host_env.py)
 
   @property
   def total_steps(self) -> int:
@@ -773,6 +774,12 @@ class _Proc:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["HF_DATASETS_CACHE"] = os.path.join(spec.workdir, "hf_datasets_cache")
     env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    if spec.host_malloc == "both" or spec.host_malloc == side:
+      # What `python -m prefjax.main` does for itself on a glibc host (prefjax/host_env.py).
+      sys.path.insert(0, _REPO)
+      from prefjax import host_env  # pylint: disable=g-import-not-at-top
+      host_env.apply_to(env)
+    self.glibc_tunables = env.get("GLIBC_TUNABLES", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", f"{side}:{config}",
            "--_workdir", spec.workdir, "--_fd", str(w)]
     out = None if verbose else self._log
@@ -855,6 +862,7 @@ def run_group(spec: Spec, members: list[tuple[str, str]], timeout: float,
         proc.error = str(e)
     proc.close()
     results[proc.name] = {"ready": proc.ready, "steps": proc.steps, "done": proc.done,
+                          "glibc_tunables": proc.glibc_tunables,
                           **({"error": proc.error[-2000:]} if proc.error else {})}
   return results
 
@@ -904,6 +912,7 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
       "losses": [m.get("loss") for m in steps],
       "peak_rss_gib": (raw.get("done") or {}).get("vm_hwm", float("nan")) / 2 ** 30,
       "setup_s": raw.get("ready", {}).get("setup_s"),
+      "glibc_tunables": raw.get("glibc_tunables", ""),
   })
   for k in ("precompute_s", "step_kind", "versions", "attn_implementation", "loader", "layout",
             "batch_shape"):
@@ -940,7 +949,8 @@ def measure_peak(tiny: bool) -> float:
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   """The whole comparison; returns the final JSON object."""
   spec = Spec(data=args.data, seed=args.seed, steps=args.steps, warmup=args.warmup,
-              learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step)
+              learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step,
+              host_malloc=args.host_malloc)
   if args.tiny:
     spec = tiny_spec(spec)
     spec.steps, spec.warmup = max(1, args.steps if args.steps_set else 1), args.warmup
@@ -1073,6 +1083,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", default=None, help="also write the final JSON here")
   p.add_argument("--peer", default=None, choices=["tunix"],
                  help="also run a JAX peer; skipped (reported as such) when not installed")
+  p.add_argument("--host-malloc", default="prefjax", choices=["prefjax", "both", "none"],
+                 help="worker processes started with glibc's huge-page malloc tunable "
+                      "(prefjax/host_env.py): prefjax's only (as `python -m prefjax.main` runs; "
+                      "default), both sides, or none")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_workdir", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_fd", type=int, default=None, help=argparse.SUPPRESS)

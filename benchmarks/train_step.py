@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -167,7 +168,8 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
           "model_tflops_per_step": round(flops / 1e12, 4),
           "mfu": round(flops / step_s / args.peak_flops, 4), "peak_flops": args.peak_flops,
           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-          "devices": jax.device_count(), "loss": float(m["loss"])}
+          "devices": jax.device_count(), "loss": float(m["loss"]),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def main(argv=None) -> int:
@@ -201,4 +203,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from prefjax import host_env  # same process settings as the prefjax command line
+  host_env.reexec_with_tuned_malloc()
   sys.exit(main())

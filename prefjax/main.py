@@ -148,7 +148,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-  """Entry point (`python -m prefjax.main`)."""
+  """Entry point (`python -m prefjax.main`).
+
+  On a Linux/glibc CPU host it first re-executes itself with glibc's huge-page malloc tunable
+  (prefjax/host_env.py; opt out with PREFJAX_HOST_MALLOC=0).
+  """
+  from prefjax import host_env  # pylint: disable=g-import-not-at-top
+  host_env.reexec_with_tuned_malloc()
   app.run(main, flags_parser=_parse_flags)
 
 
