@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
   c.train.logps_implementation = placeholder(str)  # custom_vjp | checkpoint | None: ops default
+  # Vocabulary head only at loss positions (prompt / padding dropped first; ~1.9x less head
+  # work on HH-shaped pairs), in chunks of this many compacted positions per batch shard.
+  c.train.logps_compact = True
+  c.train.logps_compact_chunk_size = 512
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
   # JAX persistent compilation cache: a re-run / resume with the same shapes skips XLA
   # compilation (None: off; e.g. ~/.cache/prefjax/xla, or a bucket path on TPU VMs).

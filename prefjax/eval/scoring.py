@@ -87,9 +87,11 @@ def sequence_logps(model_cfg: Any, params: Any, batch: dict, *, chunk_size: int 
   from prefjax import models, ops  # pylint: disable=import-outside-toplevel
   rows, ids, num_seq, slots = _rows(batch)
   hidden = _hidden(model_cfg, params, rows)
+  # Only response positions are scored (`where`), in chunks of 4x the row chunk.
   lp = ops.token_logps_from_hidden(hidden, models.unembedding(model_cfg, params), rows["targets"],
-                                   chunk_size=chunk_size,
-                                   logit_softcap=model_cfg.final_logit_softcap)
+                                   chunk_size=4 * chunk_size,
+                                   logit_softcap=model_cfg.final_logit_softcap,
+                                   where=(rows["loss_mask"] > 0) & (ids > 0))
   sums, counts = ops.segment_logps(lp, rows["loss_mask"], ids, num_seq)
   return _pairs(sums, slots), _pairs(counts, slots)
 

@@ -70,6 +70,8 @@ def token_logps_from_hidden(
     compute_dtype: Optional[Any] = None,
     vocab_chunk_size: int = 8192,
     implementation: Literal["custom_vjp", "checkpoint"] = "custom_vjp",
+    where: Optional[jax.Array] = None,
+    where_groups: int = 1,
 ) -> jax.Array:
   """Per-token log-probs of an LM head, chunked along T so [B, T, V] never exists.
 
@@ -95,9 +97,21 @@ def token_logps_from_hidden(
     implementation: "custom_vjp" (default; hand-written backward pass, reverse
       mode only) or "checkpoint" (`jax.checkpoint` + `lax.scan`, autodiff does
       the rest; supports forward mode too).
+    where: optional [B, T] bool, the positions whose log-prob is needed (e.g. the
+      response tokens of a preference pair). Other positions return 0 and get no
+      gradient, and the head does not compute them: the needed positions are moved
+      to the front (a stable sort, within each of `where_groups` groups of rows),
+      the compacted rows are cut into chunks of C, and chunks holding no needed
+      position are skipped (`lax.cond`) in the forward and backward passes. So the
+      work follows the number of needed positions, rounded up to a chunk, instead
+      of B * T (prompt and padding tokens are typically a third to a half of a
+      preference batch). C then counts compacted positions per group.
+    where_groups: G, how many groups of rows are compacted separately (must divide
+      the flattened batch). 1 compacts the whole batch; set it to the number of
+      batch shards so that the sort and gather stay within each shard.
 
   Returns:
-    [B, T] float32 log-probabilities.
+    [B, T] float32 log-probabilities (0 where `where` is False).
   """
   _chunks.check_head(hidden, unembedding)
   if targets.shape != hidden.shape[:-1]:
@@ -109,18 +123,57 @@ def token_logps_from_hidden(
   h, lead = _chunks.flatten_lead(hidden.astype(compute_dtype), 2)
   t, _ = _chunks.flatten_lead(targets.astype(jnp.int32), 1)
   w = unembedding.astype(compute_dtype)
+  if where is not None:
+    if where.shape != targets.shape:
+      raise ValueError(f"where shape {where.shape} must equal targets shape {targets.shape}")
+    if implementation not in ("custom_vjp", "checkpoint"):
+      raise ValueError(f"unknown implementation {implementation!r}; "
+                       "expected 'custom_vjp' or 'checkpoint'")
+    out = _compacted_logps(h, w, t, where.reshape(t.shape).astype(bool), chunk_size, cap,
+                           vocab_chunk_size, implementation, where_groups)
+    return out.reshape(lead + (t.shape[1],))
   seq_len = h.shape[1]
   c = _chunks.chunk_len(seq_len, chunk_size)
   h_chunks = _chunks.to_chunks(h, c)  # [n, N, C, D]
   t_chunks = _chunks.to_chunks(t, c)  # [n, N, C]
   if implementation == "custom_vjp":
-    out = _scan_logps_custom_vjp(h_chunks, w, t_chunks, cap, vocab_chunk_size)
+    out = _scan_logps_custom_vjp(h_chunks, w, t_chunks, None, cap, vocab_chunk_size)
   elif implementation == "checkpoint":
     out = _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
   else:
     raise ValueError(f"unknown implementation {implementation!r}; "
                      "expected 'custom_vjp' or 'checkpoint'")
   return _chunks.from_chunks(out, seq_len).reshape(lead + (seq_len,))
+
+
+def _compacted_logps(h, w, t, where, chunk_size, cap, vblock, implementation, groups):
+  """[N, T, D], [V, D], [N, T], bool [N, T] -> [N, T] log-probs of the `where` positions only.
+
+  Within each of `groups` groups of N / groups rows, a stable argsort puts the needed
+  positions first; the [G, M, D] compacted hidden states are chunked along M and chunks
+  past the largest group's count are skipped. The gather / un-permute are differentiated
+  by autodiff (a scatter-add of d hidden back to the original positions).
+  """
+  n_rows, seq_len = t.shape
+  if groups < 1 or n_rows % groups:
+    raise ValueError(f"where_groups={groups} must be >= 1 and divide the {n_rows} rows")
+  m = n_rows // groups * seq_len
+  h_g = h.reshape(groups, m, h.shape[-1])
+  t_g, w_g = t.reshape(groups, m), where.reshape(groups, m)
+  order = jnp.argsort(jnp.logical_not(w_g), axis=1, stable=True)  # needed positions first
+  h_s = jnp.take_along_axis(h_g, order[..., None], axis=1)
+  t_s = jnp.take_along_axis(t_g, order, axis=1)
+  c = _chunks.chunk_len(m, chunk_size)
+  h_chunks, t_chunks = _chunks.to_chunks(h_s, c), _chunks.to_chunks(t_s, c)  # [n, G, C, ...]
+  most = jnp.max(jnp.sum(w_g, axis=1, dtype=jnp.int32))
+  active = jnp.arange(h_chunks.shape[0], dtype=jnp.int32) * c < most
+  if implementation == "custom_vjp":
+    out = _scan_logps_custom_vjp(h_chunks, w, t_chunks, active, cap, vblock)
+  else:
+    out = _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
+  lp_s = _chunks.from_chunks(out, m)  # [G, M] in sorted order
+  lp = jnp.take_along_axis(lp_s, jnp.argsort(order, axis=1), axis=1)
+  return jnp.where(w_g, lp, 0.0).reshape(n_rows, seq_len)
 
 
 def _chunk_logps_and_lse(h_c, w, t_c, cap):
@@ -170,16 +223,27 @@ def _fold_vocab_blocks(fn, carry, w: jax.Array, block: int):
   return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _scan_logps_custom_vjp(h_chunks, w, t_chunks, cap, vblock):
-  """[n, N, C, D], [V, D], [n, N, C] -> float32 [n, N, C] log-probs."""
-  return _logps_fwd(h_chunks, w, t_chunks, cap, vblock)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scan_logps_custom_vjp(h_chunks, w, t_chunks, active, cap, vblock):
+  """[n, N, C, D], [V, D], [n, N, C], bool [n] or None -> float32 [n, N, C] log-probs.
+
+  Chunks whose `active` entry is False are skipped (`lax.cond`; log-prob 0, no gradient);
+  None runs every chunk with no `cond` (which could make XLA copy the carried d W)."""
+  return _logps_fwd(h_chunks, w, t_chunks, active, cap, vblock)[0]
 
 
-def _logps_fwd(h_chunks, w, t_chunks, cap, vblock):
-  """Scan over T chunks; inside, an online logsumexp over vocabulary blocks."""
+def _logps_fwd(h_chunks, w, t_chunks, active, cap, vblock):
+  """Scan over T chunks; inside, an online logsumexp over vocabulary blocks.
+
+  Chunks with `active` False are skipped (log-prob 0, logsumexp 0)."""
   def body(carry, xs):
-    h_c, t_c = xs
+    h_c, t_c, on = xs
+    if on is None:
+      return carry, _chunk_fwd(h_c, t_c)
+    zeros = jnp.zeros(t_c.shape, jnp.float32)
+    return carry, jax.lax.cond(on, lambda: _chunk_fwd(h_c, t_c), lambda: (zeros, zeros))
+
+  def _chunk_fwd(h_c, t_c):
 
     def block(acc, w_b, lo):
       lse, picked = acc
@@ -192,11 +256,11 @@ def _logps_fwd(h_chunks, w, t_chunks, cap, vblock):
 
     init = (jnp.full(t_c.shape, -jnp.inf, jnp.float32), jnp.zeros(t_c.shape, jnp.float32))
     lse, picked = _fold_vocab_blocks(block, init, w, vblock)
-    return carry, (picked - lse, lse)
+    return picked - lse, lse
 
-  _, (logp, lse) = jax.lax.scan(body, None, (h_chunks, t_chunks))
+  _, (logp, lse) = jax.lax.scan(body, None, (h_chunks, t_chunks, active))
   # Residuals are the (small) inputs and the [n, N, C] logsumexp; no logits.
-  return logp, (h_chunks, w, t_chunks, lse)
+  return logp, (h_chunks, w, t_chunks, active, lse)
 
 
 def _logps_bwd(cap, vblock, res, g):
@@ -206,10 +270,16 @@ def _logps_bwd(cap, vblock, res, g):
   independent: recompute its logits, form d logits, add `d logits @ W_block` to
   d hidden and write `d logits^T @ hidden` into rows [lo, hi) of d W in place.
   """
-  h_chunks, w, t_chunks, lse = res
+  h_chunks, w, t_chunks, active, lse = res
 
   def body(dw, xs):
-    h_c, t_c, lse_c, g_c = xs
+    h_c, t_c, lse_c, g_c, on = xs
+    if on is None:
+      return _chunk_bwd(dw, h_c, t_c, lse_c, g_c)
+    skip = lambda dw: (dw, jnp.zeros(h_c.shape, h_c.dtype))  # noqa: E731
+    return jax.lax.cond(on, lambda dw: _chunk_bwd(dw, h_c, t_c, lse_c, g_c), skip, dw)
+
+  def _chunk_bwd(dw, h_c, t_c, lse_c, g_c):
 
     def block(acc, w_b, lo):
       dw, dh_c = acc
@@ -236,8 +306,8 @@ def _logps_bwd(cap, vblock, res, g):
 
   dw0 = jnp.zeros(w.shape, jnp.float32)
   g = g.astype(jnp.float32)
-  dw, dh = jax.lax.scan(body, dw0, (h_chunks, t_chunks, lse, g))
-  return dh, dw.astype(w.dtype), None
+  dw, dh = jax.lax.scan(body, dw0, (h_chunks, t_chunks, lse, g, active))
+  return dh, dw.astype(w.dtype), None, None
 
 
 _scan_logps_custom_vjp.defvjp(_logps_fwd, _logps_bwd)

@@ -91,8 +91,10 @@ class Trainer:
     self.task_name = config.task
     self.ref_mode = config.reference.mode if self.task_name in ("preference", "kto") else "none"
     self.layout = data_io.layout(config)
-    self.head = tasks_lib.HeadOptions(int(config.train.logps_chunk_size),
-                                      config.train.get("logps_implementation") or None)
+    self.head = tasks_lib.HeadOptions(
+        int(config.train.logps_chunk_size), config.train.get("logps_implementation") or None,
+        bool(config.train.get("logps_compact", True)),
+        int(config.train.get("logps_compact_chunk_size", 512)))
     self.ckpt = None
     self.writer = None
     self.eval_fn = None

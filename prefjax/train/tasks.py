@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -89,27 +90,51 @@ class HeadOptions:
   """How the vocabulary head computes log-probs (`ops.token_logps_from_hidden`).
 
   Attributes:
-    chunk_size: positions per chunk.
+    chunk_size: positions per chunk (of every row at once).
     implementation: "custom_vjp" | "checkpoint" | None (the ops default).
+    compact: compute log-probs only at loss positions (`ops.token_logps_from_hidden`'s
+      `where`): prompt and padding positions are dropped before the head, which then
+      runs on chunks of `compact_chunk_size` compacted positions.
+    compact_chunk_size: compacted positions per chunk (per batch shard).
   """
   chunk_size: int = 128
   implementation: Optional[str] = None
+  compact: bool = True
+  compact_chunk_size: int = 512
 
 
 def _head(chunk_size: Any) -> HeadOptions:
   return chunk_size if isinstance(chunk_size, HeadOptions) else HeadOptions(int(chunk_size))
 
 
+def num_batch_shards(rows: int) -> int:
+  """How many shards the batch axis has under the current mesh (1 outside one), as a divisor
+  of `rows`: the compacted head sorts positions within each shard, never across."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return 1
+  shards = 1
+  for axis in ("data", "fsdp"):
+    if axis in mesh.axis_names:
+      shards *= mesh.shape[axis]
+  return math.gcd(shards, rows)
+
+
 def token_logps(model_cfg: Any, params: Any, hidden: jax.Array, targets: jax.Array,
-                chunk_size: Any) -> jax.Array:
+                chunk_size: Any, where: Optional[jax.Array] = None) -> jax.Array:
   """Per-token log-probs [R, L] f32 of `targets`, chunked over the vocabulary head.
 
-  `chunk_size` is an int or a `HeadOptions`.
+  `chunk_size` is an int or a `HeadOptions`. With `where` ([R, L] bool) and
+  `HeadOptions.compact`, only those positions are computed (0 elsewhere, no gradient).
   """
   head = _head(chunk_size)
   kw = {"implementation": head.implementation} if head.implementation else {}
+  chunk = head.chunk_size
+  if where is not None and head.compact:
+    kw.update(where=where, where_groups=num_batch_shards(hidden.shape[0]))
+    chunk = head.compact_chunk_size
   return ops.token_logps_from_hidden(
-      hidden, models.unembedding(model_cfg, params), targets, chunk_size=head.chunk_size,
+      hidden, models.unembedding(model_cfg, params), targets, chunk_size=chunk,
       logit_softcap=model_cfg.final_logit_softcap, **kw)
 
 
@@ -117,7 +142,8 @@ def sequence_logps(model_cfg: Any, params: Any, rows: dict[str, jax.Array], seq_
                    num_seq: int, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(hidden [R,L,D], sums [R, num_seq], counts [R, num_seq])` of response log-probs."""
   hidden = forward(model_cfg, params, rows)
-  lp = token_logps(model_cfg, params, hidden, rows["targets"], chunk_size)
+  lp = token_logps(model_cfg, params, hidden, rows["targets"], chunk_size,
+                   where=(rows["loss_mask"] > 0) & (seq_ids > 0))
   sums, counts = ops.segment_logps(lp, rows["loss_mask"], seq_ids, num_seq)
   return hidden, sums, counts
 
@@ -271,7 +297,8 @@ def sft_loss(params, ref_params, batch, *, model_cfg, chunk_size):
   del ref_params
   rows, _, _ = flatten_rows(batch, "sft")
   hidden = forward(model_cfg, params, rows)
-  lp = token_logps(model_cfg, params, hidden, rows["targets"], chunk_size)
+  lp = token_logps(model_cfg, params, hidden, rows["targets"], chunk_size,
+                   where=rows["loss_mask"] > 0)
   mask = rows["loss_mask"].astype(jnp.float32) * example_weights(batch, lp.shape[0])[:, None]
   loss_sum, n = _sum(-lp, mask)
   return loss_sum, {"loss": (loss_sum, n)}

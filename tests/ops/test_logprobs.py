@@ -203,3 +203,46 @@ def test_bad_arguments():
     ops.token_logps_from_hidden(h, w, y, chunk_size=0)
   with pytest.raises(ValueError, match="implementation"):
     ops.token_logps_from_hidden(h, w, y, implementation="nope")
+
+
+@pytest.mark.parametrize("implementation", ["custom_vjp", "checkpoint"])
+@pytest.mark.parametrize("chunk,groups,cap", [(4, 1, None), (5, 2, None), (3, 4, 2.0),
+                                              (64, 1, None)])
+def test_where_compacted_matches_naive(implementation, chunk, groups, cap):
+  """Only `where` positions are computed: equal values there, 0 elsewhere, equal gradients."""
+  h, w, y, _, g = _inputs(b=4, t=9, d=8, v=37, seed=3)
+  rng = np.random.default_rng(4)
+  where = jnp.asarray(rng.random((4, 9)) < 0.4).at[1].set(False)  # one row with nothing
+  fn = functools.partial(ops.token_logps_from_hidden, chunk_size=chunk, logit_softcap=cap,
+                         vocab_chunk_size=16, implementation=implementation, where=where,
+                         where_groups=groups)
+  out = jax.jit(lambda h, w: fn(h, w, y))(h, w)
+  ref = _np_token_logps(h, w, y, cap)
+  np.testing.assert_allclose(out, np.where(where, ref, 0.0), rtol=2e-5, atol=2e-5)
+  loss = lambda f: lambda h, w: jnp.sum(f(h, w, y) * g)  # noqa: E731
+  got = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(h, w)
+  naive = lambda h, w, y: jnp.where(where, _naive_jax(h, w, y, cap), 0.0)  # noqa: E731
+  want = jax.grad(loss(naive), argnums=(0, 1))(h, w)
+  for a, e in zip(got, want):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_where_skips_chunks_past_the_last_needed_position():
+  """With 3 needed positions and chunks of 2, chunks 2.. are skipped: a NaN hidden state
+  there cannot leak into values or gradients (an inactive chunk is never computed)."""
+  h, w, y, _, g = _inputs(b=2, t=6, d=4, v=11, seed=5)
+  where = jnp.zeros((2, 6), bool).at[0, 1].set(True).at[1, 4:].set(True)
+  h = h.at[0, 5].set(jnp.nan)  # sorted to the end of the compacted rows
+  fn = lambda h, w: ops.token_logps_from_hidden(h, w, y, chunk_size=2, where=where)  # noqa: E731
+  out = fn(h, w)
+  assert np.isfinite(np.asarray(out)).all()
+  dh, dw = jax.grad(lambda h, w: jnp.sum(fn(h, w) * g), argnums=(0, 1))(h, w)
+  assert np.isfinite(np.asarray(dw)).all() and np.isfinite(np.asarray(dh)[where]).all()
+
+
+def test_where_errors():
+  h, w, y, _, _ = _inputs(b=3, t=5)
+  with pytest.raises(ValueError, match="where shape"):
+    ops.token_logps_from_hidden(h, w, y, where=jnp.ones((3, 4), bool))
+  with pytest.raises(ValueError, match="where_groups=2"):
+    ops.token_logps_from_hidden(h, w, y, where=jnp.ones((3, 5), bool), where_groups=2)
