@@ -17,6 +17,7 @@ G = N / K query heads per kv head, H head dim, F MLP width.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -107,11 +108,90 @@ def update_cache(cache: LayerCache, k: jax.Array, v: jax.Array,
   }
 
 
+def _attention_scores(q: jax.Array, key: jax.Array, softcap: float | None
+                      ) -> tuple[jax.Array, jax.Array | None]:
+  """q [B,K,M,H] (M = T*G), key [B,K,S,H] -> float32 scores [B,K,M,S] (soft-capped when
+  `softcap`) and tanh(s / c) for the VJP."""
+  logits = jnp.einsum("BKMH,BKSH->BKMS", q, key, preferred_element_type=jnp.float32)
+  if softcap is None:
+    return logits, None
+  th = jnp.tanh(logits / softcap)
+  return th * softcap, th
+
+
+def _kv_major_mask(mask: jax.Array, g: int) -> jax.Array:
+  """[B,T,S] -> [B,1,T*G,S] (each query row repeated for the G heads sharing a KV head)."""
+  b, t, s = mask.shape
+  return jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
+
+
+def _to_kv_major(qg: jax.Array, key: jax.Array, val: jax.Array):
+  """[B,T,K,G,H], [B,S,K,H] x2 -> [B,K,T*G,H], [B,K,S,H] x2.
+
+  In this layout every attention matmul is a plain batched GEMM over (B, K) with the T*G
+  query rows contiguous, and the big [B,K,M,S] tensors are never transposed."""
+  b, t, k, g, h = qg.shape
+  q = jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(b, k, t * g, h)
+  return q, jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(val, (0, 2, 1, 3))
+
+
+def _from_kv_major(x: jax.Array, t: int, g: int) -> jax.Array:
+  """[B,K,T*G,H] -> [B,T,K,G,H]."""
+  b, k, _, h = x.shape
+  return jnp.transpose(x.reshape(b, k, t, g, h), (0, 2, 1, 3, 4))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def attend(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
            softcap: float | None) -> jax.Array:
   """Softmax attention: qg [B,T,K,G,H], key/val [B,S,K,H], mask [B,T,S] -> [B,T,K,G,H].
 
-  Scores in float32 (Gemma 2 soft-capping `c * tanh(s / c)` when `softcap`)."""
+  Scores in float32 (Gemma 2 soft-capping `c * tanh(s / c)` when `softcap`). A row with no
+  allowed key (a padding query) averages all values, as with Gemma's finite K_MASK.
+
+  The backward pass is written out (`jax.custom_vjp`) in the form of FlashAttention
+  (Dao et al. 2022, arXiv:2205.14135, Alg. 4, here without tiling): with P the saved
+  probabilities and O the output, dS = P * (dP - rowsum(dO * O)) takes one fused pass over
+  the [B,K,T*G,S] tensors, where autodiff of softmax needs a reduction over P * dP plus a
+  second pass, and XLA:CPU lowered the d V contraction over (T, G) to a multiply-reduce
+  (docs/performance.md).
+  """
+  return _attend_fwd(qg, key, val, mask, softcap)[0]
+
+
+def _attend_fwd(qg, key, val, mask, softcap):
+  t, g = qg.shape[1], qg.shape[3]
+  q, k, v = _to_kv_major(qg, key, val)
+  logits, _ = _attention_scores(q, k, softcap)
+  probs = jax.nn.softmax(jnp.where(_kv_major_mask(mask, g), logits, K_MASK), axis=-1)
+  out = jnp.einsum("BKMS,BKSH->BKMH", probs.astype(v.dtype), v)
+  return _from_kv_major(out, t, g), (q, k, v, mask, probs, out)
+
+
+def _attend_bwd(softcap, res, d_out):
+  q, k, v, mask, probs, out = res
+  b, t, kh, g, h = d_out.shape
+  do = jnp.transpose(d_out, (0, 2, 1, 3, 4)).reshape(b, kh, t * g, h)
+  d_v = jnp.einsum("BKMS,BKMH->BKSH", probs.astype(do.dtype), do)
+  d_probs = jnp.einsum("BKMH,BKSH->BKMS", do, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = probs * (d_probs - delta)
+  if softcap is not None:
+    _, th = _attention_scores(q, k, softcap)  # recomputed rather than saved
+    d_logits = d_logits * (1.0 - th * th)
+  d_logits = jnp.where(_kv_major_mask(mask, g), d_logits, 0.0).astype(q.dtype)
+  d_q = jnp.einsum("BKMS,BKSH->BKMH", d_logits, k)
+  d_k = jnp.einsum("BKMS,BKMH->BKSH", d_logits, q)
+  back = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  [B,K,S,H] -> [B,S,K,H]
+  return _from_kv_major(d_q, t, g), back(d_k), back(d_v), None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend_reference(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
+                     softcap: float | None) -> jax.Array:
+  """`attend` with autodiff's backward pass (the reference the custom VJP is tested against)."""
   logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, key, preferred_element_type=jnp.float32)
   if softcap is not None:
     logits = jnp.tanh(logits / softcap) * softcap
