@@ -63,12 +63,15 @@ _HH = os.path.join(_REPO, "prefjax", "assets", "data", "hh_rlhf_helpful_base", "
 GROUPS: dict[str, list[tuple[str, str]]] = {
     "dpo_ref": [("trl", "dpo_ref"), ("prefjax", "dpo_ref"), ("prefjax", "dpo_ref_packed"),
                 ("prefjax", "dpo_ref_shared")],
-    "reward": [("trl", "reward"), ("prefjax", "reward")],
+    "reward": [("trl", "reward"), ("prefjax", "reward"), ("prefjax", "reward_shared")],
     "dpo_precomputed": [("trl", "dpo_precomputed"), ("prefjax", "dpo_precomputed"),
-                        ("prefjax", "simpo")],
+                        ("prefjax", "dpo_precomputed_shared"), ("prefjax", "simpo")],
 }
-DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed", "dpo_ref_shared")
-EXTRAS = ("simpo", "dpo_ref_packed", "dpo_ref_shared")
+DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed", "dpo_ref_shared",
+               "dpo_precomputed_shared")
+REWARD_CONFIGS = ("reward", "reward_shared")
+EXTRAS = ("simpo", "dpo_ref_packed", "dpo_ref_shared", "dpo_precomputed_shared",
+          "reward_shared")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +104,7 @@ class Spec:
   pad_id: int = 2
   workdir: str = ""
   prefjax_step: str = "auto"  # auto | train | local
+  pack_row_len: int = 0  # packed / prompt-shared row length; 0: 4 * (prompt + max response)
   host_malloc: str = "prefjax"  # which sides get glibc's huge-page malloc tunable (host_env.py)
 
   @property
@@ -374,9 +378,12 @@ def _run_trl_worker(spec: Spec, config: str, chan: _Channel) -> None:
 # prefjax worker.
 
 PAIR_LAYOUT = {"dpo_ref": "padded", "dpo_precomputed": "padded", "simpo": "padded",
-               "dpo_ref_packed": "packed", "dpo_ref_shared": "prompt_shared", "reward": "padded"}
+               "dpo_ref_packed": "packed", "dpo_ref_shared": "prompt_shared",
+               "dpo_precomputed_shared": "prompt_shared", "reward": "padded",
+               "reward_shared": "prompt_shared"}
 REF_MODE = {"dpo_ref": "model", "dpo_precomputed": "precomputed", "simpo": "none",
-            "dpo_ref_packed": "model", "dpo_ref_shared": "model", "reward": "none"}
+            "dpo_ref_packed": "model", "dpo_ref_shared": "model",
+            "dpo_precomputed_shared": "precomputed", "reward": "none", "reward_shared": "none"}
 
 
 class _AttrDict(dict):
@@ -555,7 +562,7 @@ class _PrefjaxWorker:
     self.layout, self.ref_mode = PAIR_LAYOUT[config], REF_MODE[config]
     with open(os.path.join(spec.workdir, "examples.json")) as f:
       self.examples = json.load(f)
-    if config == "reward":
+    if config in REWARD_CONFIGS:
       self.cfg, params, self.loader = _load_reward(spec)
     else:
       self.cfg, params, self.loader = _load_policy(os.path.join(spec.workdir, "policy"))
@@ -597,7 +604,7 @@ class _PrefjaxWorker:
     if self.layout == "padded":
       return [_pad_pairs(spec, c, spec.prompt_len + spec.max_response) for c in chunks]
     shared = self.layout == "prompt_shared"
-    row_len = 4 * (spec.prompt_len + spec.max_response)
+    row_len = spec.pack_row_len or 4 * (spec.prompt_len + spec.max_response)
     rows = [_pack_rows(c, row_len, shared) for c in chunks]
     num_rows = max(len(r) for r in rows)  # one fixed shape: one compilation
     max_pairs = max(len(row) for r in rows for row in r)
@@ -632,8 +639,8 @@ class _PrefjaxWorker:
     from prefjax.train.state import TrainState
 
     spec = self.spec
-    if self.config == "reward":
-      task = make_task("reward", model_cfg=self.cfg, layout="padded",
+    if self.config in REWARD_CONFIGS:
+      task = make_task("reward", model_cfg=self.cfg, layout=self.layout,
                        loss_config=_AttrDict(name="bradley_terry"))
     else:
       loss = (_AttrDict(name="simpo", beta=spec.simpo_beta, simpo_gamma=spec.simpo_gamma)
@@ -897,7 +904,7 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
     measured = list(range(len(steps)))
   times = [steps[i]["time"] for i in measured]
   tps = [counts[i]["real_tokens"] / steps[i]["time"] for i in measured]
-  reward = config == "reward"
+  reward = config in REWARD_CONFIGS
   live_ref = config in ("dpo_ref", "dpo_ref_packed", "dpo_ref_shared")
   flops = [model_flops(spec, counts[i], train_passes=1, ref_passes=1 if live_ref else 0,
                        lm_head=not reward) for i in measured]
@@ -950,7 +957,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   """The whole comparison; returns the final JSON object."""
   spec = Spec(data=args.data, seed=args.seed, steps=args.steps, warmup=args.warmup,
               learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step,
-              host_malloc=args.host_malloc)
+              host_malloc=args.host_malloc, pack_row_len=args.pack_row_len)
   if args.tiny:
     spec = tiny_spec(spec)
     spec.steps, spec.warmup = max(1, args.steps if args.steps_set else 1), args.warmup
@@ -1003,6 +1010,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             if k.startswith("prefjax:") and k.split(":")[1] in DPO_CONFIGS and "error" not in v}
   best = lambda d: max(d.values(), key=lambda v: v["real_tokens_per_s"]) if d else None  # noqa: E731
   best_trl, best_pj, best_pj_any = best(trl_dpo), best(pj_dpo), best(pj_any)
+  best_pj_reward = best({k: v for k, v in sides.items() if k.startswith("prefjax:")
+                         and k.split(":")[1] in REWARD_CONFIGS and "error" not in v})
   loss_pairs = {}
   for cfg in ("dpo_ref", "dpo_precomputed", "reward"):
     a, b = sides.get(f"prefjax:{cfg}"), sides.get(f"trl:{cfg}")
@@ -1021,8 +1030,10 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
       "speedup_best_incl_simpo": _ratio(best_pj_any, best_trl, "real_tokens_per_s"),
       "speedup_precomputed": _ratio(sides.get("prefjax:dpo_precomputed"),
                                     sides.get("trl:dpo_precomputed"), "real_tokens_per_s"),
-      "reward_speedup": _ratio(sides.get("prefjax:reward"), sides.get("trl:reward"),
-                               "real_tokens_per_s"),
+      "reward_speedup": _ratio(best_pj_reward, sides.get("trl:reward"), "real_tokens_per_s"),
+      "reward_speedup_config": best_pj_reward["config"] if best_pj_reward else None,
+      "reward_speedup_padded": _ratio(sides.get("prefjax:reward"), sides.get("trl:reward"),
+                                      "real_tokens_per_s"),
       "memory_ratio_equal_work": _ratio(pj_ref, trl_ref, "peak_rss_gib"),
       "memory_ratio_reward": _ratio(sides.get("prefjax:reward"), sides.get("trl:reward"),
                                     "peak_rss_gib"),
@@ -1083,6 +1094,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", default=None, help="also write the final JSON here")
   p.add_argument("--peer", default=None, choices=["tunix"],
                  help="also run a JAX peer; skipped (reported as such) when not installed")
+  p.add_argument("--pack-row-len", type=int, default=0,
+                 help="row length of the packed / prompt-shared layouts (default 4 x (prompt + "
+                      "max response))")
   p.add_argument("--host-malloc", default="prefjax", choices=["prefjax", "both", "none"],
                  help="worker processes started with glibc's huge-page malloc tunable "
                       "(prefjax/host_env.py): prefjax's only (as `python -m prefjax.main` runs; "
