@@ -104,6 +104,7 @@ class Spec:
   pad_id: int = 2
   workdir: str = ""
   prefjax_step: str = "auto"  # auto | train | local
+  schedule: str = "interleaved"  # interleaved | sequential (see _step_round_robin)
   pack_row_len: int = 0  # packed / prompt-shared row length; 0: 4 * (prompt + max response)
   host_malloc: str = "prefjax"  # which sides get glibc's huge-page malloc tunable (host_env.py)
 
@@ -875,19 +876,31 @@ def run_group(spec: Spec, members: list[tuple[str, str]], timeout: float,
 
 
 def _step_round_robin(spec: Spec, procs: list[_Proc]) -> None:
-  """Steps every worker once per round; round s starts at worker s mod n (rotating order)."""
-  for s in range(spec.total_steps):
-    k = s % max(1, len(procs))
-    for proc in procs[k:] + procs[:k]:
-      if proc.error:
-        continue
-      try:
-        msg = proc.go()
-        proc.steps.append(msg)
-        _log(f"{proc.name} step {s}: {msg['time']:.2f} s loss {msg.get('loss')}")
-      except Exception as e:  # noqa: BLE001
-        proc.error = str(e)
-        _log(f"{proc.name} failed at step {s}: {proc.error[-800:]}")
+  """Steps the workers in turn.
+
+  "interleaved": every worker once per round; round s starts at worker s mod n (rotating
+  order), so slow drifts of the machine hit all sides alike. "sequential": all steps of one
+  worker back to back, then the next worker (a real training loop never idles between steps;
+  on a VM that pages out memory idle for ~10 s, interleaving penalises whichever worker
+  waits longest, see docs/performance.md).
+  """
+  if spec.schedule == "sequential":
+    order = [(s, proc) for proc in procs for s in range(spec.total_steps)]
+  else:
+    order = []
+    for s in range(spec.total_steps):
+      k = s % max(1, len(procs))
+      order += [(s, proc) for proc in procs[k:] + procs[:k]]
+  for s, proc in order:
+    if proc.error:
+      continue
+    try:
+      msg = proc.go()
+      proc.steps.append(msg)
+      _log(f"{proc.name} step {s}: {msg['time']:.2f} s loss {msg.get('loss')}")
+    except Exception as e:  # noqa: BLE001
+      proc.error = str(e)
+      _log(f"{proc.name} failed at step {s}: {proc.error[-800:]}")
 
 
 def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str, int]],
@@ -957,7 +970,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   """The whole comparison; returns the final JSON object."""
   spec = Spec(data=args.data, seed=args.seed, steps=args.steps, warmup=args.warmup,
               learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step,
-              host_malloc=args.host_malloc, pack_row_len=args.pack_row_len)
+              host_malloc=args.host_malloc, pack_row_len=args.pack_row_len,
+              schedule=args.schedule)
   if args.tiny:
     spec = tiny_spec(spec)
     spec.steps, spec.warmup = max(1, args.steps if args.steps_set else 1), args.warmup
@@ -1094,6 +1108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", default=None, help="also write the final JSON here")
   p.add_argument("--peer", default=None, choices=["tunix"],
                  help="also run a JAX peer; skipped (reported as such) when not installed")
+  p.add_argument("--schedule", default="interleaved", choices=["interleaved", "sequential"],
+                 help="step the workers round robin (default) or each one's steps back to back")
   p.add_argument("--pack-row-len", type=int, default=0,
                  help="row length of the packed / prompt-shared layouts (default 4 x (prompt + "
                       "max response))")
