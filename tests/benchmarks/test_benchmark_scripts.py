@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -97,3 +98,16 @@ def test_scaling_tiny_sweeps_print_json():
   assert s["summary"] and set(s["seq"]) == {"96"}
   assert s["seq"]["96"]["step_s"] > 0 and s["seq"]["96"]["real_tokens_per_s"] > 0
   assert set(s["compile_s"]) == {"2", "2_scan"} and all(v > 0 for v in s["compile_s"].values())
+
+
+def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
+  """The prompt-shared reward config gives the padded config's first loss (same pairs), and
+  the sequential schedule steps every worker; prefjax side only (no TRL needed)."""
+  res = _run([str(BENCH / "compare_trl.py"), "--tiny", "--sides", "prefjax", "--groups",
+              "reward", "--schedule", "sequential", "--peak-flops", "1e10"], timeout=900)
+  sides = res["sides"]
+  assert res["spec"]["schedule"] == "sequential"
+  assert sides["prefjax:reward_shared"]["layout"] == "prompt_shared"
+  assert len(sides["prefjax:reward_shared"]["losses"]) == res["spec"]["steps"] + 1
+  np.testing.assert_allclose(sides["prefjax:reward_shared"]["first_loss"],
+                             sides["prefjax:reward"]["first_loss"], rtol=1e-5)
