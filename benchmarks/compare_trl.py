@@ -784,7 +784,8 @@ class _Proc:
     env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
     if spec.host_malloc == "both" or spec.host_malloc == side:
       # What `python -m prefjax.main` does for itself on a glibc host (prefjax/host_env.py).
-      sys.path.insert(0, _REPO)
+      if _REPO not in sys.path:
+        sys.path.insert(0, _REPO)
       from prefjax import host_env  # pylint: disable=g-import-not-at-top
       host_env.apply_to(env)
     self.glibc_tunables = env.get("GLIBC_TUNABLES", "")

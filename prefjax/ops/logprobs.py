@@ -114,6 +114,9 @@ def token_logps_from_hidden(
     [B, T] float32 log-probabilities (0 where `where` is False).
   """
   _chunks.check_head(hidden, unembedding)
+  if implementation not in ("custom_vjp", "checkpoint"):
+    raise ValueError(f"unknown implementation {implementation!r}; "
+                     "expected 'custom_vjp' or 'checkpoint'")
   if targets.shape != hidden.shape[:-1]:
     raise ValueError(f"targets shape {targets.shape} must equal hidden shape without D "
                      f"{hidden.shape[:-1]}")
@@ -126,9 +129,6 @@ def token_logps_from_hidden(
   if where is not None:
     if where.shape != targets.shape:
       raise ValueError(f"where shape {where.shape} must equal targets shape {targets.shape}")
-    if implementation not in ("custom_vjp", "checkpoint"):
-      raise ValueError(f"unknown implementation {implementation!r}; "
-                       "expected 'custom_vjp' or 'checkpoint'")
     out = _compacted_logps(h, w, t, where.reshape(t.shape).astype(bool), chunk_size, cap,
                            vocab_chunk_size, implementation, where_groups)
     return out.reshape(lead + (t.shape[1],))
@@ -136,13 +136,7 @@ def token_logps_from_hidden(
   c = _chunks.chunk_len(seq_len, chunk_size)
   h_chunks = _chunks.to_chunks(h, c)  # [n, N, C, D]
   t_chunks = _chunks.to_chunks(t, c)  # [n, N, C]
-  if implementation == "custom_vjp":
-    out = _scan_logps_custom_vjp(h_chunks, w, t_chunks, None, cap, vocab_chunk_size)
-  elif implementation == "checkpoint":
-    out = _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
-  else:
-    raise ValueError(f"unknown implementation {implementation!r}; "
-                     "expected 'custom_vjp' or 'checkpoint'")
+  out = _scan_logps(h_chunks, w, t_chunks, None, cap, vocab_chunk_size, implementation)
   return _chunks.from_chunks(out, seq_len).reshape(lead + (seq_len,))
 
 
@@ -167,13 +161,18 @@ def _compacted_logps(h, w, t, where, chunk_size, cap, vblock, implementation, gr
   h_chunks, t_chunks = _chunks.to_chunks(h_s, c), _chunks.to_chunks(t_s, c)  # [n, G, C, ...]
   most = jnp.max(jnp.sum(w_g, axis=1, dtype=jnp.int32))
   active = jnp.arange(h_chunks.shape[0], dtype=jnp.int32) * c < most
-  if implementation == "custom_vjp":
-    out = _scan_logps_custom_vjp(h_chunks, w, t_chunks, active, cap, vblock)
-  else:
-    out = _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
+  out = _scan_logps(h_chunks, w, t_chunks, active, cap, vblock, implementation)
   lp_s = _chunks.from_chunks(out, m)  # [G, M] in sorted order
   lp = jnp.take_along_axis(lp_s, jnp.argsort(order, axis=1), axis=1)
   return jnp.where(w_g, lp, 0.0).reshape(n_rows, seq_len)
+
+
+def _scan_logps(h_chunks, w, t_chunks, active, cap, vblock, implementation):
+  """[n, N, C, D] chunks -> [n, N, C] log-probs; `active` skips chunks ("custom_vjp" only;
+  "checkpoint" computes every chunk, and the caller masks what it does not need)."""
+  if implementation == "custom_vjp":
+    return _scan_logps_custom_vjp(h_chunks, w, t_chunks, active, cap, vblock)
+  return _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
 
 
 def _chunk_logps_and_lse(h_c, w, t_c, cap):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from prefjax import losses as losses_lib
 from prefjax import models
 from prefjax import ops
+from prefjax import sharding as sharding_lib
 
 Stats = dict[str, tuple[jax.Array, jax.Array]]
 LossFn = Callable[[Any, Optional[Any], dict[str, jax.Array]], tuple[jax.Array, Stats]]
@@ -107,17 +108,14 @@ def _head(chunk_size: Any) -> HeadOptions:
   return chunk_size if isinstance(chunk_size, HeadOptions) else HeadOptions(int(chunk_size))
 
 
-def num_batch_shards(rows: int) -> int:
-  """How many shards the batch axis has under the current mesh (1 outside one), as a divisor
-  of `rows`: the compacted head sorts positions within each shard, never across."""
+def _compaction_groups(rows: int) -> int:
+  """Batch shards of the current mesh (1 outside one), as a divisor of `rows`: the compacted
+  head sorts positions within each shard, never across."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
+  if mesh is None or mesh.empty or not all(
+      a in mesh.axis_names for a in sharding_lib.BATCH_AXES):
     return 1
-  shards = 1
-  for axis in ("data", "fsdp"):
-    if axis in mesh.axis_names:
-      shards *= mesh.shape[axis]
-  return math.gcd(shards, rows)
+  return math.gcd(sharding_lib.num_batch_shards(mesh), rows)
 
 
 def token_logps(model_cfg: Any, params: Any, hidden: jax.Array, targets: jax.Array,
@@ -131,7 +129,7 @@ def token_logps(model_cfg: Any, params: Any, hidden: jax.Array, targets: jax.Arr
   kw = {"implementation": head.implementation} if head.implementation else {}
   chunk = head.chunk_size
   if where is not None and head.compact:
-    kw.update(where=where, where_groups=num_batch_shards(hidden.shape[0]))
+    kw.update(where=where, where_groups=_compaction_groups(hidden.shape[0]))
     chunk = head.compact_chunk_size
   return ops.token_logps_from_hidden(
       hidden, models.unembedding(model_cfg, params), targets, chunk_size=chunk,
