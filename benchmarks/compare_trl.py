@@ -70,6 +70,7 @@ GROUPS: dict[str, list[tuple[str, str]]] = {
 DPO_CONFIGS = ("dpo_ref", "dpo_precomputed", "simpo", "dpo_ref_packed", "dpo_ref_shared",
                "dpo_precomputed_shared")
 REWARD_CONFIGS = ("reward", "reward_shared")
+PEERS = ("tunix",)  # JAX peers: `--peer tunix` adds ("tunix", "dpo_ref") to the dpo_ref group
 EXTRAS = ("simpo", "dpo_ref_packed", "dpo_ref_shared", "dpo_precomputed_shared",
           "reward_shared")
 
@@ -107,6 +108,7 @@ class Spec:
   schedule: str = "interleaved"  # interleaved | sequential (see _step_round_robin)
   pack_row_len: int = 0  # packed / prompt-shared row length; 0: 4 * (prompt + max response)
   host_malloc: str = "prefjax"  # which sides get glibc's huge-page malloc tunable (host_env.py)
+  peer_python: str = ""  # interpreter for peer (tunix) workers; "" = this one
 
   @property
   def total_steps(self) -> int:
@@ -397,14 +399,14 @@ class _AttrDict(dict):
       raise AttributeError(k) from e
 
 
-def _hf_to_prefjax_local(path: str) -> tuple[Any, Any]:
-  """Benchmark-local HF Gemma-1 -> prefjax (official Flax names) converter.
+def _hf_gemma1_to_flax_tree(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """HF Gemma-1 safetensors -> (HF config dict, tree in the official Flax Gemma names).
 
-  Used only when `prefjax.models.load_hf_checkpoint` does not exist yet. Covers exactly the
-  benchmark model family: Gemma 1, tied embeddings, MQA/GQA (`kv_einsum`) or MHA.
+  Numpy only (no prefjax, no JAX), so every JAX-side worker can use it. Covers exactly the
+  benchmark model family: Gemma 1, tied embeddings, MQA/GQA (`kv_einsum` [2, K, D, H]; note
+  that HF Gemma-1's `post_attention_layernorm` is the norm *before* the MLP, `pre_ffw_norm`).
   """
   import numpy as np
-  import prefjax
   from safetensors.numpy import load_file
 
   with open(os.path.join(path, "config.json")) as f:
@@ -415,32 +417,45 @@ def _hf_to_prefjax_local(path: str) -> tuple[Any, Any]:
       t.update(load_file(os.path.join(path, name)))
   t = {k.removeprefix("model."): v.astype(np.float32) for k, v in t.items()}
   n, k, h = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
-  d, f = hf["hidden_size"], hf["intermediate_size"]
-  cfg = prefjax.models.get_config(
-      "bench_46m", vocab_size=hf["vocab_size"], embed_dim=d, num_layers=hf["num_hidden_layers"],
-      num_heads=n, num_kv_heads=k, head_dim=h, hidden_dim=f, norm_eps=hf["rms_norm_eps"])
-  params: dict[str, Any] = {"embedder": {"input_embedding": t["embed_tokens.weight"]},
-                            "final_norm": {"scale": t["norm.weight"]}}
-  for i in range(cfg.num_layers):
+  d = hf["hidden_size"]
+  tree: dict[str, Any] = {"embedder": {"input_embedding": t["embed_tokens.weight"]},
+                          "final_norm": {"scale": t["norm.weight"]}}
+  for i in range(hf["num_hidden_layers"]):
     p = f"layers.{i}."
     q = t[p + "self_attn.q_proj.weight"].reshape(n, h, d).transpose(0, 2, 1)
     kk = t[p + "self_attn.k_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
     vv = t[p + "self_attn.v_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
-    o = t[p + "self_attn.o_proj.weight"].T.reshape(n, h, d)
-    attn = {"attn_vec_einsum": {"w": o}}
-    if cfg.use_qkv_einsum:
-      attn["qkv_einsum"] = {"w": np.stack([q, kk, vv])}
-    else:
-      attn["q_einsum"] = {"w": q}
-      attn["kv_einsum"] = {"w": np.stack([kk, vv])}
-    params[f"layer_{i}"] = {
-        "attn": attn,
+    tree[f"layer_{i}"] = {
+        "attn": {"attn_vec_einsum": {"w": t[p + "self_attn.o_proj.weight"].T.reshape(n, h, d)},
+                 "q_einsum": {"w": q}, "kv_einsum": {"w": np.stack([kk, vv])}},
         "mlp": {"gating_einsum": np.stack([t[p + "mlp.gate_proj.weight"].T,
                                            t[p + "mlp.up_proj.weight"].T]),
                 "linear": t[p + "mlp.down_proj.weight"].T},
         "pre_attention_norm": {"scale": t[p + "input_layernorm.weight"]},
         "pre_ffw_norm": {"scale": t[p + "post_attention_layernorm.weight"]},
     }
+  return hf, tree
+
+
+def _hf_to_prefjax_local(path: str) -> tuple[Any, Any]:
+  """Benchmark-local HF Gemma-1 -> prefjax converter.
+
+  Used only when `prefjax.models.load_hf_checkpoint` does not exist yet.
+  """
+  import numpy as np
+  import prefjax
+
+  hf, params = _hf_gemma1_to_flax_tree(path)
+  cfg = prefjax.models.get_config(
+      "bench_46m", vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+      hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"])
+  if cfg.use_qkv_einsum:
+    for i in range(cfg.num_layers):
+      attn = params[f"layer_{i}"]["attn"]
+      q, kv = attn.pop("q_einsum")["w"], attn.pop("kv_einsum")["w"]
+      attn["qkv_einsum"] = {"w": np.stack([q, kv[0], kv[1]])}
   return cfg, params
 
 
@@ -762,6 +777,140 @@ def _run_prefjax_worker(spec: Spec, config: str, chan: _Channel) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# tunix worker (the JAX peer, `--peer tunix`).
+
+
+def _tunix_model(spec: Spec, path: str) -> Any:
+  """google-tunix's Gemma (flax nnx) holding the HF checkpoint's weights, float32.
+
+  tunix's own `params_safetensors` loader maps HF `post_attention_layernorm` to its
+  `post_attn_norm` (the Gemma-2 meaning); for Gemma 1 that norm is the pre-MLP one, so the
+  weights are mapped here, from the same numpy tree the prefjax fallback uses.
+  """
+  import jax.numpy as jnp
+  from flax import nnx
+  from tunix.models.gemma import model as gemma_lib
+
+  hf, tree = _hf_gemma1_to_flax_tree(path)
+  n = hf["num_hidden_layers"]
+  cfg = gemma_lib.ModelConfig(
+      num_layers=n, num_embed=hf["vocab_size"], embed_dim=hf["hidden_size"],
+      hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+      head_dim=hf["head_dim"], num_kv_heads=hf["num_key_value_heads"],
+      final_logit_softcap=None, use_post_attn_norm=False, use_post_ffw_norm=False,
+      attention_types=(gemma_lib.AttentionType.GLOBAL,) * n)
+  abstract = nnx.eval_shape(lambda: gemma_lib.Gemma(cfg, rngs=nnx.Rngs(params=0)))
+  graph_def, state = nnx.split(abstract)
+  flat = dict(state.flat_state())
+  filled = set()
+
+  def put(key: tuple, value: Any) -> None:
+    if key not in flat:
+      raise KeyError(f"tunix Gemma has no parameter {key}")
+    if tuple(flat[key].value.shape) != tuple(value.shape):
+      raise ValueError(f"{key}: tunix shape {flat[key].value.shape}, HF {value.shape}")
+    flat[key].value = jnp.asarray(value, jnp.float32)
+    filled.add(key)
+
+  put(("embedder", "input_embedding"), tree["embedder"]["input_embedding"])
+  put(("final_norm", "scale"), tree["final_norm"]["scale"])
+  for i in range(n):
+    layer = tree[f"layer_{i}"]
+    for name in ("q_einsum", "kv_einsum", "attn_vec_einsum"):
+      put(("layers", i, "attn", name, "w"), layer["attn"][name]["w"])
+    put(("layers", i, "mlp", "gate_proj", "kernel"), layer["mlp"]["gating_einsum"][0])
+    put(("layers", i, "mlp", "up_proj", "kernel"), layer["mlp"]["gating_einsum"][1])
+    put(("layers", i, "mlp", "down_proj", "kernel"), layer["mlp"]["linear"])
+    put(("layers", i, "pre_attention_norm", "scale"), layer["pre_attention_norm"]["scale"])
+    put(("layers", i, "pre_ffw_norm", "scale"), layer["pre_ffw_norm"]["scale"])
+  missing = [k for k, v in flat.items() if k not in filled and isinstance(v, nnx.Param)]
+  if missing:
+    raise ValueError(f"tunix Gemma parameters not filled from {path}: {missing[:5]}")
+  return nnx.merge(graph_def, nnx.State.from_flat_path(flat))
+
+
+def _tunix_batch(spec: Spec, batch: list[dict[str, list[int]]]) -> Any:
+  """tunix `dpo_trainer.TrainingInput`: prompts left-padded to `prompt_len`, responses
+  right-padded to `max_response` (one shape for every step: one compilation)."""
+  import numpy as np
+  from tunix.sft.dpo import dpo_trainer
+
+  b = len(batch)
+  pi = np.full((b, spec.prompt_len), spec.pad_id, np.int32)
+  pm = np.zeros((b, spec.prompt_len), np.int32)
+  resp = {k: (np.full((b, spec.max_response), spec.pad_id, np.int32),
+              np.zeros((b, spec.max_response), np.int32)) for k in ("chosen", "rejected")}
+  for i, ex in enumerate(batch):
+    p = ex["prompt_ids"][-spec.prompt_len:]
+    pi[i, spec.prompt_len - len(p):] = p
+    pm[i, spec.prompt_len - len(p):] = 1
+    for k, (ids, mask) in resp.items():
+      r = ex[f"{k}_ids"][:spec.max_response]
+      ids[i, :len(r)] = r
+      mask[i, :len(r)] = 1
+  return dpo_trainer.TrainingInput(prompt_ids=pi, prompt_mask=pm, chosen_ids=resp["chosen"][0],
+                                   chosen_mask=resp["chosen"][1],
+                                   rejected_ids=resp["rejected"][0],
+                                   rejected_mask=resp["rejected"][1])
+
+
+def _run_tunix_worker(spec: Spec, config: str, chan: _Channel) -> None:
+  """google-tunix's `DPOTrainer` (live reference model), one step per `go`.
+
+  A step is what one iteration of `PeftTrainer.train` does for DPO: `_prepare_inputs` (the
+  reference model's jitted log-probs over the concatenated chosen + rejected rows) and the
+  trainer's own jitted train step (`jit_train_and_eval_step`: value_and_grad of tunix's
+  `dpo_loss_fn`, then the nnx optimizer update), timed until the loss and the updated
+  parameters are ready. The loop's metric logging, progress bar and checkpoint manager are not
+  timed (as TRL's step is timed from `on_step_begin` to `on_step_end`).
+  """
+  if config != "dpo_ref":
+    raise ValueError(f"tunix peer: only dpo_ref is run (got {config!r})")
+  import jax
+  import optax
+  from flax import nnx
+  import tunix
+  from tunix.sft.dpo import dpo_trainer
+
+  t_setup = time.perf_counter()
+  with open(os.path.join(spec.workdir, "examples.json")) as f:
+    examples = json.load(f)
+  policy = _tunix_model(spec, os.path.join(spec.workdir, "policy"))
+  reference = _tunix_model(spec, os.path.join(spec.workdir, "reference"))
+  tx = optax.chain(optax.clip_by_global_norm(spec.max_grad_norm),
+                   optax.adamw(spec.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
+                               weight_decay=0.0))
+  cfg = dpo_trainer.DPOTrainingConfig(eval_every_n_steps=10 ** 9, max_steps=spec.total_steps,
+                                      beta=spec.beta, algorithm="dpo", pbar_description=None)
+  trainer = dpo_trainer.DPOTrainer(model=policy, ref_model=reference, optimizer=tx,
+                                   training_config=cfg)
+  train_step, _ = trainer.jit_train_and_eval_step(skip_jit=False, cache_nnx_graph=True)
+  batches = [_tunix_batch(spec, examples[s * spec.batch_pairs:(s + 1) * spec.batch_pairs])
+             for s in range(spec.total_steps)]
+  version = getattr(tunix, "__version__", None)
+  if version is None:
+    from importlib import metadata
+    version = metadata.version("google-tunix")
+  chan.send(event="ready", setup_s=time.perf_counter() - t_setup,
+            step_kind="tunix DPOTrainer: _prepare_inputs (reference log-probs) + its jitted "
+                      "train step", layout="padded (prompt left, responses right)",
+            batch_shape=[spec.batch_pairs * 2, spec.prompt_len + spec.max_response],
+            versions={"tunix": version, "jax": jax.__version__,
+                      "backend": jax.default_backend(), "devices": jax.device_count()})
+  for batch in batches:
+    chan.wait_go()
+    t0 = time.perf_counter()
+    example = trainer._prepare_inputs(batch)  # pylint: disable=protected-access
+    loss, aux, _ = train_step(example)
+    jax.block_until_ready((loss, nnx.state(trainer.model, nnx.Param)))
+    dt = time.perf_counter() - t0
+    chan.send(event="step", time=dt, loss=float(loss),
+              logps_chosen_mean=float(aux["log_probs/chosen"]),
+              logps_rejected_mean=float(aux["log_probs/rejected"]))
+  chan.send(event="done", vm_hwm=_vm_hwm_bytes())
+
+
+# ----------------------------------------------------------------------------------------------
 # Orchestrator.
 
 
@@ -789,7 +938,8 @@ class _Proc:
       from prefjax import host_env  # pylint: disable=g-import-not-at-top
       host_env.apply_to(env)
     self.glibc_tunables = env.get("GLIBC_TUNABLES", "")
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", f"{side}:{config}",
+    python = (spec.peer_python or sys.executable) if side in PEERS else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--_worker", f"{side}:{config}",
            "--_workdir", spec.workdir, "--_fd", str(w)]
     out = None if verbose else self._log
     self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=out, env=env,
@@ -967,12 +1117,33 @@ def measure_peak(tiny: bool) -> float:
   return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_flops_float32"])
 
 
+def peer_unavailable(peer: str, python: str) -> Optional[str]:
+  """None when `python` can import the peer's package, else the reason it cannot."""
+  module = {"tunix": "tunix.sft.dpo.dpo_trainer"}[peer]
+  try:
+    out = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True,
+                         timeout=300, cwd=_REPO)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"{python}: {e}"
+  if out.returncode:
+    last = (out.stderr.strip().splitlines() or ["?"])[-1]
+    return (f"{python} cannot import {module} ({last}); install google-tunix==0.1.7 there, "
+            "or pass --peer-python")
+  return None
+
+
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   """The whole comparison; returns the final JSON object."""
   spec = Spec(data=args.data, seed=args.seed, steps=args.steps, warmup=args.warmup,
               learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step,
               host_malloc=args.host_malloc, pack_row_len=args.pack_row_len,
-              schedule=args.schedule)
+              schedule=args.schedule, peer_python=args.peer_python or "")
+  peers: dict[str, str] = {}
+  if args.peer:
+    reason = peer_unavailable(args.peer, spec.peer_python or sys.executable)
+    peers[args.peer] = f"skipped: {reason}" if reason else "ran"
+    if reason:
+      _log(f"peer {args.peer} skipped: {reason}")
   if args.tiny:
     spec = tiny_spec(spec)
     spec.steps, spec.warmup = max(1, args.steps if args.steps_set else 1), args.warmup
@@ -999,6 +1170,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   sides: dict[str, dict[str, Any]] = {}
   for group in args.groups:
     members = [m for m in GROUPS[group] if m[0] in args.sides]
+    if group == "dpo_ref" and args.peer and peers[args.peer] == "ran":
+      members.append((args.peer, "dpo_ref"))
     if args.no_extras:
       members = [m for m in members if m[1] not in EXTRAS]
     _log(f"group {group}: {[f'{s}:{c}' for s, c in members]}")
@@ -1037,6 +1210,13 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         if k in a and k in b:
           loss_pairs[cfg][k.replace("first_", "") + "_rel_diff"] = _rel(a[k], b[k])
   rel_diffs = [v["rel_diff"] for v in loss_pairs.values()]
+  tunix_ref = sides.get("tunix:dpo_ref")
+  if tunix_ref and "error" in tunix_ref:
+    tunix_ref = None
+  if tunix_ref and trl_ref and tunix_ref.get("first_loss") is not None:
+    loss_pairs["tunix_dpo_ref"] = {"tunix": tunix_ref["first_loss"], "trl": trl_ref["first_loss"],
+                                   "rel_diff": _rel(tunix_ref["first_loss"],
+                                                    trl_ref["first_loss"])}
   result = {
       "speedup_equal_work": _ratio(pj_ref, trl_ref, "real_tokens_per_s"),
       "speedup_best": _ratio(best_pj, best_trl, "real_tokens_per_s"),
@@ -1053,6 +1233,12 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
       "memory_ratio_reward": _ratio(sides.get("prefjax:reward"), sides.get("trl:reward"),
                                     "peak_rss_gib"),
       "first_loss_rel_diff": max(rel_diffs) if rel_diffs else None,
+      "peers": peers,
+      "speedup_vs_tunix_equal_work": _ratio(pj_ref, tunix_ref, "real_tokens_per_s"),
+      "speedup_best_vs_tunix": _ratio(best_pj, tunix_ref, "real_tokens_per_s"),
+      "tunix_vs_trl_equal_work": _ratio(tunix_ref, trl_ref, "real_tokens_per_s"),
+      "memory_ratio_vs_tunix": _ratio(pj_ref, tunix_ref, "peak_rss_gib"),
+      "tunix_first_loss_rel_diff": (loss_pairs.get("tunix_dpo_ref") or {}).get("rel_diff"),
       "first_loss": loss_pairs,
       "peak_flops_f32": peak,
       "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "workdir"},
@@ -1107,8 +1293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--tiny", action="store_true", help="tiny model, 2 steps per side (smoke test)")
   p.add_argument("--verbose", action="store_true", help="worker output to this stderr")
   p.add_argument("--out", default=None, help="also write the final JSON here")
-  p.add_argument("--peer", default=None, choices=["tunix"],
-                 help="also run a JAX peer; skipped (reported as such) when not installed")
+  p.add_argument("--peer", default=None, choices=list(PEERS),
+                 help="also run google-tunix's DPOTrainer in the dpo_ref group; reported as "
+                      "skipped (with the reason) when --peer-python cannot import tunix")
+  p.add_argument("--peer-python", default=None,
+                 help="Python interpreter of the peer's workers, e.g. a venv with "
+                      "`pip install google-tunix==0.1.7` (default: this interpreter)")
   p.add_argument("--schedule", default="interleaved", choices=["interleaved", "sequential"],
                  help="step the workers round robin (default) or each one's steps back to back")
   p.add_argument("--pack-row-len", type=int, default=0,
@@ -1134,6 +1324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       if side == "trl":
         _run_trl_worker(spec, config, chan)
+      elif side == "tunix":
+        _run_tunix_worker(spec, config, chan)
       else:
         _run_prefjax_worker(spec, config, chan)
     except SystemExit:
@@ -1145,12 +1337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
   result = orchestrate(args)
-  if args.peer == "tunix":
-    import importlib.util
-    found = importlib.util.find_spec("tunix") is not None
-    # No tunix runner is implemented: report the peer as skipped either way, never silently.
-    result["peers"] = {"tunix": "installed, but no runner is implemented" if found
-                       else "skipped: google-tunix is not installed"}
   _print_table(result)
   line = json.dumps(result, sort_keys=True, default=float)
   if args.out:
