@@ -109,6 +109,10 @@ class Spec:
   pack_row_len: int = 0  # packed / prompt-shared row length; 0: 4 * (prompt + max response)
   host_malloc: str = "prefjax"  # which sides get glibc's huge-page malloc tunable (host_env.py)
   peer_python: str = ""  # interpreter for peer (tunix) workers; "" = this one
+  # prefjax's own settings (same gradients; docs/performance.md "CPU scheduler, scan"):
+  prefjax_scan_layers: bool = True  # ModelConfig.scan_layers
+  prefjax_remat: str = "none"  # ModelConfig.remat: none | full | save_dots
+  prefjax_cpu_scheduler: str = "memory_optimized"  # config.train.cpu_scheduler
 
   @property
   def total_steps(self) -> int:
@@ -459,6 +463,15 @@ def _hf_to_prefjax_local(path: str) -> tuple[Any, Any]:
   return cfg, params
 
 
+def _prefjax_has_settings(spec: Spec) -> bool:
+  """Whether the installed prefjax has the settings `Spec.prefjax_*` name."""
+  try:
+    import prefjax.models  # noqa: F401
+    return hasattr(prefjax.models, "stack_layers")
+  except ImportError:
+    return False
+
+
 def _load_policy(path: str) -> tuple[Any, Any, str]:
   """(cfg, params, how): `prefjax.models.load_hf_checkpoint` if present, else the local one."""
   import prefjax
@@ -585,6 +598,12 @@ class _PrefjaxWorker:
     ref_params = None
     if self.ref_mode in ("model", "precomputed"):
       _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
+    if _prefjax_has_settings(spec):
+      import prefjax
+      self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat)
+      params = prefjax.models.stack_layers(self.cfg, params)
+      if ref_params is not None:
+        ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
     params = jax.tree.map(jnp.asarray, params)
     ref_params = None if ref_params is None else jax.tree.map(jnp.asarray, ref_params)
     self.batches = self._make_batches()
@@ -671,15 +690,19 @@ class _PrefjaxWorker:
                             opt_state=tx.init(params),
                             ref_params=ref_params if self.ref_mode == "model" else None,
                             rng=jax.random.PRNGKey(spec.seed))
+    from prefjax.train.step import compiler_options
     fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
-                 donate_argnums=0)
+                 donate_argnums=0,
+                 compiler_options=compiler_options(spec.prefjax_cpu_scheduler))
 
     def step(b):
       self.state, metrics = fn(self.state, b)
       self.last_metrics = metrics
       return metrics["loss"]
     self.step = step
-    self.step_kind = "prefjax.train.train_step (make_task + make_optimizer), jit, donated"
+    self.step_kind = ("prefjax.train.train_step (make_task + make_optimizer), jit, donated; "
+                      f"scan_layers={self.cfg.scan_layers}, remat={self.cfg.remat}, "
+                      f"cpu_scheduler={spec.prefjax_cpu_scheduler}")
 
   # -- the benchmark-local step --
   def _seq_logps_padded(self, params: Any, b: dict[str, Any]):
@@ -1137,7 +1160,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   spec = Spec(data=args.data, seed=args.seed, steps=args.steps, warmup=args.warmup,
               learning_rate=args.learning_rate, beta=args.beta, prefjax_step=args.prefjax_step,
               host_malloc=args.host_malloc, pack_row_len=args.pack_row_len,
-              schedule=args.schedule, peer_python=args.peer_python or "")
+              schedule=args.schedule, peer_python=args.peer_python or "",
+              prefjax_scan_layers=bool(args.prefjax_scan_layers),
+              prefjax_remat=args.prefjax_remat, prefjax_cpu_scheduler=args.prefjax_cpu_scheduler)
   peers: dict[str, str] = {}
   if args.peer:
     reason = peer_unavailable(args.peer, spec.peer_python or sys.executable)
@@ -1308,6 +1333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="worker processes started with glibc's huge-page malloc tunable "
                       "(prefjax/host_env.py): prefjax's only (as `python -m prefjax.main` runs; "
                       "default), both sides, or none")
+  p.add_argument("--prefjax-scan-layers", type=int, default=1, choices=[0, 1],
+                 help="prefjax's ModelConfig.scan_layers (default 1)")
+  p.add_argument("--prefjax-remat", default="none", choices=["none", "full", "save_dots"],
+                 help="prefjax's ModelConfig.remat (default none: no recomputation, as TRL)")
+  p.add_argument("--prefjax-cpu-scheduler", default="memory_optimized",
+                 choices=["memory_optimized", "concurrency_optimized", "xla_default"],
+                 help="prefjax's config.train.cpu_scheduler (default memory_optimized)")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_workdir", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_fd", type=int, default=None, help=argparse.SUPPRESS)

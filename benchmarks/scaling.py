@@ -58,9 +58,15 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--peak-flops", type=float, default=386579434600.0)
+  p.add_argument("--scan-layers", action="store_true",
+                 help="seq / batch / devices sweeps with ModelConfig.scan_layers")
+  p.add_argument("--remat", default="none", help="ModelConfig.remat of those sweeps")
+  p.add_argument("--cpu-scheduler", default="memory_optimized",
+                 help="config.train.cpu_scheduler of every point")
   a = p.parse_args(argv)
   common = ["--preset", a.preset, "--steps", str(a.steps), "--warmup", str(a.warmup),
-            "--peak-flops", str(a.peak_flops)]
+            "--peak-flops", str(a.peak_flops), "--remat", a.remat,
+            "--cpu-scheduler", a.cpu_scheduler] + (["--scan-layers"] if a.scan_layers else [])
   summary: dict = {"summary": True, "preset": a.preset}
   sweeps = a.sweeps.split(",")
   if "seq" in sweeps:
@@ -100,7 +106,8 @@ def main(argv=None) -> int:
     for n in [int(x) for x in a.layers.split(",")]:
       for scan in (False, True):
         r = _point(["--preset", a.preset, "--tasks", "dpo", "--layouts", "padded",
-                    "--layers", str(n), "--compile-only"] + (["--scan-layers"] if scan else []))
+                    "--layers", str(n), "--compile-only", "--cpu-scheduler", a.cpu_scheduler]
+                   + (["--scan-layers"] if scan else []))
         r.update(sweep="compile")
         print(json.dumps(r), flush=True)
         rows.append(r)

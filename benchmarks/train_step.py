@@ -140,7 +140,7 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
     st = state_lib.create_state(params, tx, ssh, ref, 0)
     gb = sharding.make_global_batch(batch, mesh)
     fn = step_lib.jit_train_step(t_obj, tx, sched, ssh, step_lib.batch_shardings(gb, mesh),
-                                 mesh)
+                                 mesh, cpu_scheduler=args.cpu_scheduler)
     t0 = time.perf_counter()
     compiled = fn.lower(st, gb).compile()
     compile_s = time.perf_counter() - t0
@@ -153,7 +153,8 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
   if args.compile_only:
     return {"preset": args.preset, "task": name, "layout": layout, "layers": cfg.num_layers,
-            "scan_layers": cfg.scan_layers, "compile_s": round(compile_s, 3),
+            "scan_layers": cfg.scan_layers, "cpu_scheduler": args.cpu_scheduler,
+            "compile_s": round(compile_s, 3),
             "devices": jax.device_count()}
   step_s = statistics.median(times)
   real = int((batch["segment_ids"] > 0).sum())
@@ -169,6 +170,8 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
           "mfu": round(flops / step_s / args.peak_flops, 4), "peak_flops": args.peak_flops,
           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
           "devices": jax.device_count(), "loss": float(m["loss"]),
+          "scan_layers": cfg.scan_layers, "remat": cfg.remat, "cpu_scheduler": args.cpu_scheduler,
+          "xla_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
@@ -191,6 +194,9 @@ def main(argv=None) -> int:
   p.add_argument("--layers", type=int, default=None, help="override the preset's num_layers")
   p.add_argument("--scan-layers", action="store_true", help="nn.scan over the layers")
   p.add_argument("--compile-only", action="store_true", help="only lower + compile the step")
+  p.add_argument("--cpu-scheduler", default="memory_optimized",
+                 choices=["memory_optimized", "concurrency_optimized", "xla_default"],
+                 help="config.train.cpu_scheduler (XLA:CPU instruction scheduler)")
   args = p.parse_args(argv)
   if args.tiny:
     args.preset, args.prompt_len, args.min_response, args.max_response = "tiny_gemma", 8, 4, 8

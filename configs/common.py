@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   # work on HH-shaped pairs), in chunks of this many compacted positions per batch shard.
   c.train.logps_compact = True
   c.train.logps_compact_chunk_size = 512
+  c.train.cpu_scheduler = "memory_optimized"  # XLA:CPU step scheduling: memory_optimized | concurrency_optimized | xla_default
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
   # JAX persistent compilation cache: a re-run / resume with the same shapes skips XLA
   # compilation (None: off; e.g. ~/.cache/prefjax/xla, or a bucket path on TPU VMs).
@@ -138,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 100  # eval interval (0: never)
-  c.eval.num_batches = 0  # eval batches per eval (0: the whole eval split)
+  c.eval.num_batches = 0  # eval batches per eval; eval tasks: per set (0: the whole split / set)
   c.eval.diagnostics = True  # policy-reference KL and top-k entropy/mass at eval
   c.eval.topk = 10  # k of the top-k entropy / mass
 

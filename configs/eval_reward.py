@@ -80,4 +80,5 @@ def get_config(arg=None):
     local_data(c)
     c.eval.sets = LOCAL_SETS
     c.eval.bootstrap = 200
+    c.eval.num_batches = 0  # whole sets (runlocal's 1 is for a training run's periodic eval)
   return c

@@ -18,6 +18,7 @@ validity key counts every pair.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -196,24 +197,36 @@ def scored_metrics(scores: ScoredPairs, *, ties: str = "half", bootstrap: int = 
 def evaluate_kinds(score_fns: Mapping[str, ScorePairsFn], eval_sets: Mapping[str, BatchSource],
                    *, batch_size: int, tags: Optional[Mapping[str, str]] = None,
                    ties: str = "half", bootstrap: int = 1000, seed: int = 0,
-                   progress: bool = True) -> dict[str, dict[str, SetResult]]:
+                   progress: bool = True, max_batches: Optional[int] = None
+                   ) -> dict[str, dict[str, SetResult]]:
   """Evaluates several scorers (e.g. explicit and implicit RM) on several sets, reading
   each set once.
 
   Args:
     score_fns: kind -> `score_pairs_fn`.
     eval_sets, batch_size, tags, ties, bootstrap, seed, progress: as in `evaluate_sets`.
+    max_batches: score only the first this many batches of each set (`config.eval.
+      num_batches`; None or 0: all); the metrics then record `num_batches_cap`.
 
   Returns:
     {kind: {name: SetResult}}.
   """
   tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
   out: dict[str, dict[str, SetResult]] = {kind: {} for kind in score_fns}
+  if max_batches is not None and int(max_batches) < 0:
+    raise ValueError(f"max_batches={max_batches}: expected None, 0 (all) or a positive count")
+  cap = int(max_batches or 0) or None
   for name, source in eval_sets.items():
     batches = source(batch_size) if callable(source) else source
-    scored = score_batches_multi(score_fns, batches, desc=f"eval {name}", progress=progress)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    if cap is not None:
+      total = cap if total is None else min(cap, total)
+    scored = score_batches_multi(score_fns, itertools.islice(batches, cap), total=total,
+                                 desc=f"eval {name}", progress=progress)
     for kind, scores in scored.items():
       m = scored_metrics(scores, ties=ties, bootstrap=bootstrap, seed=seed)
+      if cap is not None:
+        m["num_batches_cap"] = cap
       if hasattr(batches, "dropped"):  # prefjax.data pipelines count what they skipped
         m["data_dropped"] = dict(batches.dropped)
       out[kind][name] = SetResult(name, tags.get(name), m, scores)
@@ -408,7 +421,8 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
                         batch_size: int, tags: Optional[Mapping[str, str]] = None,
                         ties: str = "half", bootstrap: int = 1000, seed: int = 0,
                         plots: bool = True, progress: bool = True,
-                        meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+                        meta: Optional[Mapping[str, Any]] = None,
+                        max_batches: Optional[int] = None) -> dict[str, Any]:
   """Evaluates one or more scorers (e.g. {"explicit": rm_fn, "implicit": dpo_fn}) and
   writes `eval_results.json`, `eval_results.md`, `eval_results.html` and PNG plots.
 
@@ -420,6 +434,7 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
     batch_size, tags, ties, bootstrap, seed, progress: as in `evaluate_sets`.
     plots: also write the PNG figures (`prefjax.eval.plots`).
     meta: extra JSON-able info stored under "meta" (checkpoint, β, step, ...).
+    max_batches: as in `evaluate_kinds` (`config.eval.num_batches`).
 
   Returns:
     {"results": {kind: {name: SetResult}}, "files": {label: path}}; files: json, markdown,
@@ -428,7 +443,8 @@ def evaluate_and_report(score_fns: Mapping[str, ScorePairsFn],
   from prefjax.eval import report  # pylint: disable=import-outside-toplevel
   tags = dict(registry.tags_for(eval_sets)) if tags is None else dict(tags)
   results = evaluate_kinds(score_fns, eval_sets, batch_size=batch_size, tags=tags, ties=ties,
-                           bootstrap=bootstrap, seed=seed, progress=progress)
+                           bootstrap=bootstrap, seed=seed, progress=progress,
+                           max_batches=max_batches)
   by_kind = {kind: {n: r.metrics for n, r in res.items()} for kind, res in results.items()}
   files = report.write_report(workdir, by_kind, tags=tags, meta=meta)
   files["scores"] = save_scores(pathlib.Path(workdir) / "eval_scores.npz", results)

@@ -311,7 +311,8 @@ def _eval_options(config: Any) -> dict[str, Any]:
       config.data.batch_size)
   return {"batch_size": bs, "ties": e.get("ties") or "exclude",
           "bootstrap": int(e.get("bootstrap", 1000)), "seed": int(config.get("seed", 0)),
-          "plots": bool(e.get("plots", True)), "progress": bool(config.log.get("progress", True))}
+          "plots": bool(e.get("plots", True)), "progress": bool(config.log.get("progress", True)),
+          "max_batches": int(e.get("num_batches") or 0) or None}
 
 
 def _evaluate(config: Any, workdir: str, score_fns: Mapping[str, Any],
@@ -321,7 +322,8 @@ def _evaluate(config: Any, workdir: str, score_fns: Mapping[str, Any],
   sources, tags = eval_sources(config.data, sets, workdir=workdir,
                                shared_data_dir=config.eval.get("shared_data_dir"))
   opts = _eval_options(config)
-  meta = dict(meta, ties=opts["ties"], batch_size=opts["batch_size"])
+  meta = dict(meta, ties=opts["ties"], batch_size=opts["batch_size"],
+              num_batches=opts["max_batches"] or 0)
   out = runner.evaluate_and_report(score_fns, sources, workdir=workdir, tags=tags, meta=meta,
                                    **opts)
   acc = {kind: {n: r.metrics["accuracy"] for n, r in res.items()}

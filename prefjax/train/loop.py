@@ -278,7 +278,8 @@ class Trainer:
       self.batch_sh = step_lib.batch_shardings(batch, self.mesh)
       self.step_fn = step_lib.jit_train_step(
           self.task, self.tx, self.schedule, self.state_sh, self.batch_sh, self.mesh,
-          accum_steps=int(self.config.optim.grad_accum_steps))
+          accum_steps=int(self.config.optim.grad_accum_steps),
+          cpu_scheduler=self.config.train.get("cpu_scheduler", "memory_optimized"))
     with jax.transfer_guard("disallow"):
       return self.step_fn(state, batch)
 
@@ -337,7 +338,9 @@ class Trainer:
     c = self.config
     bsh = step_lib.batch_shardings(batch, self.mesh)
     ref_sh = self.param_sh if has_ref else None
-    self.eval_fn = step_lib.jit_eval_step(self.task, self.param_sh, ref_sh, bsh, self.mesh)
+    self.eval_fn = step_lib.jit_eval_step(
+        self.task, self.param_sh, ref_sh, bsh, self.mesh,
+        cpu_scheduler=c.train.get("cpu_scheduler", "memory_optimized"))
     if self.task_name in ("preference", "sft") and c.eval.get("diagnostics", True):
       self.diag_fn = eval_lib.jit_diagnostics(
           self.model_cfg, self.layout, self.param_sh, ref_sh, bsh, self.mesh,

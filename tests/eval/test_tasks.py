@@ -142,6 +142,26 @@ def test_eval_reward_matches_independent_scoring(env, tmp_path):
   assert (tmp_path / "eval_results.md").is_file() and list(tmp_path.glob("*.png"))
 
 
+def test_eval_reward_num_batches_caps_each_set(env, tmp_path):
+  """`eval.num_batches=1` with 4-pair batches scores exactly the first 4 pairs of each set."""
+  c = _config("eval_reward")
+  c.model.init = str(env["root"] / "rm")
+  c.eval.sets = _eval_sets(env)
+  c.eval.num_batches = 1
+  c.eval.plots = False
+  tasks.run_eval_reward(c, str(tmp_path))
+  res = json.loads((tmp_path / "eval_results.json").read_text())
+  assert res["meta"]["num_batches"] == 1
+  tok = load_tokenizer("mistral_v1")
+  for name, recs in env["sets"].items():
+    m = res["models"]["explicit"]["sets"][name]
+    assert m["num_batches_cap"] == 1
+    first = recs[:4]  # local_id's identical pair is the 7th record: not in the first batch
+    ch = rm_scores(env, tok, [(r["prompt"], r["chosen"]) for r in first])
+    rj = rm_scores(env, tok, [(r["prompt"], r["rejected"]) for r in first])
+    _check_set(m, ch, rj)
+
+
 def test_eval_implicit_reward_side_by_side(env, tmp_path):
   c = _config("eval_implicit_reward")
   c.model.init = str(env["root"] / "policy")

@@ -49,7 +49,8 @@ def pair_batch(b: int = 8, length: int = 16, seed: int = 0) -> dict[str, np.ndar
 
 
 def setup(mesh, *, task: str = "preference", loss_name: str = "dpo", ref_mode: str = "model",
-          accum: int = 1, lr: float = 1e-2, seed: int = 0):
+          accum: int = 1, lr: float = 1e-2, seed: int = 0,
+          cpu_scheduler: str = "memory_optimized"):
   """Returns `(state, step_fn)` for a tiny model on `mesh` (call inside the mesh context)."""
   cfg = model_cfg(task)
   rules = sharding_lib.LOGICAL_AXIS_RULES
@@ -67,7 +68,7 @@ def setup(mesh, *, task: str = "preference", loss_name: str = "dpo", ref_mode: s
   state = state_lib.create_state(params, tx, state_sh, ref, seed)
   batch_sh = step_lib.batch_shardings(pair_batch(), mesh)
   fn = step_lib.jit_train_step(task_obj, tx, schedule, state_sh, batch_sh, mesh,
-                               accum_steps=accum)
+                               accum_steps=accum, cpu_scheduler=cpu_scheduler)
   return state, fn
 
 
