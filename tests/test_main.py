@@ -35,6 +35,7 @@ def test_missing_workdir_is_a_usage_error():
     ({"loss.name": "simpo", "reference.mode": "model"}, "reference-free"),
     ({"optim.grad_accum_steps": 3}, "divisible by grad_accum_steps"),
     ({"optim.schedule": "cosin"}, "optim.schedule"),
+    ({"train.cpu_scheduler": "fast"}, "config.train.cpu_scheduler='fast'"),
     ({"mesh.fsdp": 3}, "config.mesh"),
 ])
 def test_validate_messages(overrides, needle):

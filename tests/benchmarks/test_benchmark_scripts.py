@@ -100,9 +100,17 @@ def test_scaling_tiny_sweeps_print_json():
   assert set(s["compile_s"]) == {"2", "2_scan"} and all(v > 0 for v in s["compile_s"].values())
 
 
+def _needs_hf_checkpoints():
+  """compare_trl builds its HF checkpoints with torch + transformers (the parity extra)."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+
+
+@pytest.mark.parity
 def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
   """The prompt-shared reward config gives the padded config's first loss (same pairs), and
   the sequential schedule steps every worker; prefjax side only (no TRL needed)."""
+  _needs_hf_checkpoints()
   res = _run([str(BENCH / "compare_trl.py"), "--tiny", "--sides", "prefjax", "--groups",
               "reward", "--schedule", "sequential", "--peak-flops", "1e10"], timeout=900)
   sides = res["sides"]
@@ -111,3 +119,60 @@ def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
   assert len(sides["prefjax:reward_shared"]["losses"]) == res["spec"]["steps"] + 1
   np.testing.assert_allclose(sides["prefjax:reward_shared"]["first_loss"],
                              sides["prefjax:reward"]["first_loss"], rtol=1e-5)
+
+
+@pytest.mark.parity
+def test_hf_flax_tree_matches_prefjax_importer(tmp_path):
+  """compare_trl's numpy HF -> Flax-names tree (what the tunix peer is built from) equals
+  prefjax.models.load_hf_checkpoint on the same HF files (an independent converter)."""
+  _needs_hf_checkpoints()
+  from prefjax import models
+  ct = _load("compare_trl")
+  spec = ct.tiny_spec(ct.Spec(workdir=str(tmp_path)))
+  ct.build_checkpoints(spec)
+  _, tree = ct._hf_gemma1_to_flax_tree(str(tmp_path / "policy"))
+  _, params = models.load_hf_checkpoint(str(tmp_path / "policy"))
+  flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)  # noqa: E731
+                    for path, v in __import__("jax").tree_util.tree_flatten_with_path(t)[0]}
+  a, b = flat(tree), flat(params)
+  assert set(a) <= set(b), sorted(set(a) - set(b))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parity
+def test_compare_trl_peer_reported_when_unavailable(tmp_path):
+  """`--peer tunix` with an interpreter that cannot import tunix: the peer is reported as
+  skipped with the reason and the prefjax side still runs (with tunix importable, it runs and
+  its first loss must match prefjax's)."""
+  _needs_hf_checkpoints()
+  peer_python = os.environ.get("PREFJAX_PEER_PYTHON", sys.executable)
+  res = _run([str(BENCH / "compare_trl.py"), "--tiny", "--sides", "prefjax", "--groups",
+              "dpo_ref", "--no-extras", "--peer", "tunix", "--peer-python", peer_python,
+              "--schedule", "sequential", "--peak-flops", "1e10"], timeout=900)
+  status = res["peers"]["tunix"]
+  if status == "ran":
+    np.testing.assert_allclose(res["sides"]["tunix:dpo_ref"]["first_loss"],
+                               res["sides"]["prefjax:dpo_ref"]["first_loss"], rtol=1e-5)
+    assert res["speedup_vs_tunix_equal_work"] > 0
+  else:
+    assert status.startswith("skipped:") and "tunix" in status
+    assert "tunix:dpo_ref" not in res["sides"] and res["speedup_vs_tunix_equal_work"] is None
+  assert res["sides"]["prefjax:dpo_ref"]["first_loss"] > 0
+  assert res["spec"]["prefjax_scan_layers"] is True
+
+
+@pytest.mark.parity
+def test_step_memory_tiny_variants_agree():
+  """benchmarks/step_memory.py: one process per scheduling variant; same losses."""
+  _needs_hf_checkpoints()
+  lines = subprocess.run(
+      [sys.executable, str(BENCH / "step_memory.py"), "--tiny", "--steps", "1", "--variants",
+       "memory_optimized:1:none", "concurrency_optimized:0:full"], cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+  assert lines.returncode == 0, lines.stderr[-3000:]
+  rows = [json.loads(l) for l in lines.stdout.strip().splitlines()]
+  assert [r.get("error") for r in rows] == [None, None]
+  assert rows[0]["scan_layers"] and rows[1]["remat"] == "full"
+  np.testing.assert_allclose(rows[0]["losses"], rows[1]["losses"], rtol=1e-5)
+  assert all(r["peak_rss_gib"] > 0 and r["median_step_s"] > 0 for r in rows)
