@@ -218,7 +218,10 @@ def evaluate_kinds(score_fns: Mapping[str, ScorePairsFn], eval_sets: Mapping[str
   cap = int(max_batches or 0) or None
   for name, source in eval_sets.items():
     batches = source(batch_size) if callable(source) else source
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+      total = len(batches) if hasattr(batches, "__len__") else None
+    except TypeError:  # packed layouts: the number of rows is not known ahead
+      total = None
     if cap is not None:
       total = cap if total is None else min(cap, total)
     scored = score_batches_multi(score_fns, itertools.islice(batches, cap), total=total,

@@ -256,10 +256,36 @@ def _local_defaults(spec: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
           "split": split}
 
 
+class _WithEarlierDrops:
+  """Batches of a `split_copy`, whose `dropped` counts also what the copy left out (records
+  that failed validation, identical pairs), so `data_dropped` covers the original file."""
+
+  def __init__(self, batches: Any, earlier: Mapping[str, int]):
+    self._batches, self._earlier = batches, dict(earlier)
+
+  def __iter__(self):
+    return iter(self._batches)
+
+  def __len__(self) -> int:
+    return len(self._batches)
+
+  @property
+  def dropped(self) -> dict[str, int]:
+    out = dict(self._earlier)
+    for reason, n in dict(getattr(self._batches, "dropped", {}) or {}).items():
+      out[reason] = out.get(reason, 0) + n
+    return out
+
+
 def split_copy(name: str, spec: Mapping[str, Any], data_config: Any, out_dir: pathlib.Path
-               ) -> pathlib.Path:
+               ) -> tuple[pathlib.Path, dict[str, int]]:
   """JSONL copy of one side (`spec["split"]`) of the trainer's hash split of a file, e.g.
-  the held-out 20% of the file a model was trained on (its in-distribution test set)."""
+  the held-out 20% of the file a model was trained on (its in-distribution test set).
+
+  Returns:
+    (path of the copy, drop counts by reason of the records not copied: invalid ones, from the
+    whole file, and identical pairs on that side).
+  """
   from prefjax.data import config as data_config_lib  # pylint: disable=import-outside-toplevel
   from prefjax.data import index as index_lib  # pylint: disable=import-outside-toplevel
   fraction = data_config_lib.get(data_config, "split_fraction")
@@ -273,7 +299,7 @@ def split_copy(name: str, spec: Mapping[str, Any], data_config: Any, out_dir: pa
   with open(out, "w", encoding="utf-8") as f:
     for i in dict.fromkeys(int(i) for i in idx.items[:, 0]):
       f.write(json.dumps(idx.source[i]) + "\n")
-  return out
+  return out, dict(idx.stats.counts)
 
 
 def eval_sources(data_config: Any, sets: Mapping[str, Optional[dict[str, Any]]], *,
@@ -297,10 +323,12 @@ def eval_sources(data_config: Any, sets: Mapping[str, Optional[dict[str, Any]]],
     path = pathlib.Path(spec["path"])
     if not path.is_file():
       raise FileNotFoundError(f"eval set {name!r}: {path} does not exist")
+    earlier: dict[str, int] = {}
     if spec.get("split"):
-      path = split_copy(name, spec, data_config, pathlib.Path(workdir) / "eval_cache")
+      path, earlier = split_copy(name, spec, data_config, pathlib.Path(workdir) / "eval_cache")
     local = registry.EvalSetSpec(name, str(path), spec["format"], spec["tag"], 0, 0, 0)
-    sources[name] = (lambda bs, local=local, path=path: make(local, path, bs))
+    sources[name] = (lambda bs, local=local, path=path, earlier=earlier:
+                     _WithEarlierDrops(make(local, path, bs), earlier))
     tags[name] = spec["tag"]
   return sources, tags
 

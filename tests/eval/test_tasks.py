@@ -162,6 +162,34 @@ def test_eval_reward_num_batches_caps_each_set(env, tmp_path):
     _check_set(m, ch, rj)
 
 
+def test_split_eval_set_reports_what_the_copy_left_out(env, tmp_path):
+  """A `path|eval` set is scored from a copy of its held-out side; the records the copy left
+  out (a line that is not JSON; identical pairs on that side) still appear in data_dropped."""
+  from prefjax.data import formats
+  from prefjax.data import index as index_lib
+  recs = _records(24, 7)
+  recs += [{"prompt": f"tie {i} {WORDS[i]}", "chosen": "same words", "rejected": "same words"}
+           for i in range(8)]
+  path = tmp_path / "split_me.jsonl"
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in recs)
+    f.write("{not json\n")
+  held = [r for r in recs if index_lib.in_split(formats.parse(r, "auto"), "eval", 0.5)]
+  c = _config("eval_reward")
+  c.model.init = str(env["root"] / "rm")
+  c.data.split_fraction = 0.5
+  c.eval.sets = {"held": {"path": str(path), "split": "eval"}}
+  c.eval.plots = False
+  tasks.run_eval_reward(c, str(tmp_path / "out"))
+  m = json.loads((tmp_path / "out" / "eval_results.json").read_text()
+                 )["models"]["explicit"]["sets"]["held"]
+  identical = sum(r["chosen"] == r["rejected"] for r in held)
+  assert 0 < identical < 8  # the ties fall on both sides of the split
+  assert m["n_pairs"] == len(held) - identical
+  assert m["data_dropped"].get("identical", 0) == identical
+  assert sum(m["data_dropped"].values()) == identical + 1  # + the line that is not JSON
+
+
 def test_eval_implicit_reward_side_by_side(env, tmp_path):
   c = _config("eval_implicit_reward")
   c.model.init = str(env["root"] / "policy")
