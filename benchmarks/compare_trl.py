@@ -693,7 +693,8 @@ class _PrefjaxWorker:
     from prefjax.train.step import compiler_options
     fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
                  donate_argnums=0,
-                 compiler_options=compiler_options(spec.prefjax_cpu_scheduler))
+                 compiler_options=compiler_options(spec.prefjax_cpu_scheduler,
+                                                   jax.device_count()))
 
     def step(b):
       self.state, metrics = fn(self.state, b)

@@ -54,11 +54,11 @@ def _rows(batch: dict) -> tuple[dict, jnp.ndarray, int, tuple[int, ...]]:
   return rows, ids.astype(jnp.int32), 2 * slots[1], slots
 
 
-def _hidden(model_cfg: Any, params: Any, rows: dict) -> jnp.ndarray:
+def _hidden(model_cfg: Any, params: Any, rows: dict, readout: Any = None) -> jnp.ndarray:
   from prefjax import models  # pylint: disable=import-outside-toplevel
   return models.forward_hidden(model_cfg, params, rows["tokens"],
                                segment_ids=rows["segment_ids"], positions=rows["positions"],
-                               branch_ids=rows.get("branch_ids"))
+                               branch_ids=rows.get("branch_ids"), readout=readout)
 
 
 def _pairs(x: jnp.ndarray, slots: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -72,11 +72,10 @@ def last_token_scores(model_cfg: Any, params: Any, batch: dict, *, head: int = 0
   """Reward head `head` at the last token of each sequence: (chosen, rejected) [slots]."""
   from prefjax import models  # pylint: disable=import-outside-toplevel
   rows, ids, num_seq, slots = _rows(batch)
-  hidden = _hidden(model_cfg, params, rows)                       # [R', L, D]
   pos = jnp.arange(ids.shape[-1], dtype=jnp.int32)
   onehot = ids[..., None] == jnp.arange(1, num_seq + 1, dtype=jnp.int32)  # [R', L, S']
   last = jnp.max(jnp.where(onehot, pos[None, :, None], 0), axis=1)        # [R', S']
-  h = jnp.take_along_axis(hidden, last[..., None], axis=1)       # [R', S', D]
+  h = _hidden(model_cfg, params, rows, readout=last)             # [R', S', D]
   scores = models.reward_scores(model_cfg, params, h)[..., head]  # [R', S']
   return _pairs(scores, slots)
 

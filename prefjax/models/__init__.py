@@ -6,6 +6,7 @@ path), reward heads, checkpoint import/export and a KV-cache sampler (docs/inter
   logits = models.forward(cfg, params, tokens)                     # [B,T,V] float32
   hidden = models.forward_hidden(cfg, params, tokens, segment_ids=..., positions=...,
                                  branch_ids=...)                   # [B,T,D] cfg.dtype
+  h_last = models.forward_hidden(cfg, params, tokens, readout=idx) # [B,n,D] at slots idx [B,n]
   w = models.unembedding(cfg, params)                              # [V,D]
   scores = models.reward_scores(rcfg, rparams, hidden)             # [B,T,R] float32
   rcfg, rparams = models.reward_model_from_policy(cfg, params, rng, num_reward_heads=1)

@@ -15,7 +15,8 @@ from jax.sharding import Mesh
 
 from prefjax import sharding
 from prefjax.models.config import ModelConfig
-from prefjax.models.transformer import Transformer, attention_mask, positions_from_segments
+from prefjax.models.transformer import (ReadoutLayer, Transformer, attention_mask,
+                                       positions_from_segments)
 
 Params = dict[str, Any]
 
@@ -94,20 +95,53 @@ def _inputs(tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Arr
   return segment_ids, jnp.maximum(m.sum(-1).astype(jnp.int32) - 1, 0)
 
 
+def split_last_layer(cfg: ModelConfig, params: Params
+                     ) -> tuple[ModelConfig, Params, Params] | None:
+  """(config and params of the first num_layers - 1 layers, params of the last layer), or
+  None when the last layer is inside a scanned repeat of a multi-layer attention pattern."""
+  n = cfg.num_layers
+  name = f"layer_{n - 1}"
+  if name in params:  # unrolled (also the leftover layers after a scanned pattern)
+    return cfg.replace(num_layers=n - 1), {k: v for k, v in params.items() if k != name}, \
+        params[name]
+  if "layers" in params and len(cfg.attention_pattern) == 1:
+    trunk = dict(params, layers=jax.tree.map(lambda a: a[:-1], params["layers"]))
+    return cfg.replace(num_layers=n - 1), trunk, jax.tree.map(lambda a: a[-1], params["layers"])
+  return None
+
+
 def forward_hidden(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
                    segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-                   branch_ids: jax.Array | None = None) -> jax.Array:
+                   branch_ids: jax.Array | None = None,
+                   readout: jax.Array | None = None) -> jax.Array:
   """tokens [B, T] -> hidden states [B, T, D] after the final norm (cfg.dtype).
 
   Defaults: segment_ids all 1; positions restart at every segment (and, with `branch_ids`,
   count the shared prompt then the token's own branch).
+
+  readout: optional [B, n] int slot indices; then returns [B, n, D], the hidden states at
+    those slots only (what a reward model reads). The last layer is then computed only at
+    those slots (its keys and values still from all T): exactly the gathered full forward,
+    for about 1/num_layers less work. When the last layer sits inside a scanned multi-layer
+    pattern the full forward is gathered instead.
   """
   segment_ids, positions = _inputs(tokens, segment_ids, positions, branch_ids)
   if branch_ids is not None:
     branch_ids = jnp.asarray(branch_ids, jnp.int32)
-  hidden, _ = Transformer(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32),
-                                     positions, segment_ids, branch_ids)
-  return hidden
+  tokens = jnp.asarray(tokens, jnp.int32)
+  split = None if readout is None else split_last_layer(cfg, params)
+  if split is None:
+    hidden, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
+                                       branch_ids)
+    if readout is None:
+      return hidden
+    return jnp.take_along_axis(hidden, jnp.asarray(readout, jnp.int32)[..., None], axis=1)
+  trunk_cfg, trunk_params, last = split
+  x, _ = Transformer(trunk_cfg).apply({"params": trunk_params}, tokens, positions, segment_ids,
+                                      branch_ids, None, False)
+  return ReadoutLayer(cfg, cfg.layer_types[-1]).apply(
+      {"params": {"last": last, "final_norm": params["final_norm"]}}, x, positions,
+      segment_ids, branch_ids, jnp.asarray(readout, jnp.int32))
 
 
 def unembedding(cfg: ModelConfig, params: Params) -> jax.Array:

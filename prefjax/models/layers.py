@@ -228,23 +228,32 @@ def blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.A
   return out[:, :t]
 
 
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x [B, T, ...] at slot indices rows [B, n] -> [B, n, ...]."""
+  return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 class Attention(nn.Module):
   """Multi-head / multi-query / grouped-query attention with Gemma 2/3 options."""
 
   cfg: ModelConfig
   layer_type: str = GLOBAL
 
-  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]."""
+  def _project(self, x: jax.Array, query_rows: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B,T,D] -> q [B,T,N,H] (or [B,n,N,H] at `query_rows` [B,n]), k, v [B,T,K,H]."""
     c = self.cfg
     d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
     kw = dict(stddev=d ** -0.5, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
     if c.use_qkv_einsum:
       qkv = Einsum((3, n, d, h), ("qkv", "heads", "embed", "head_dim"), name="qkv_einsum", **kw)
       q, key, val = qkv("BTD,SNDH->SBTNH", x)
+      if query_rows is not None:
+        q = take_rows(q, query_rows)
     else:
+      x_q = x if query_rows is None else take_rows(x, query_rows)
       q = Einsum((n, d, h), ("heads", "embed", "head_dim"), name="q_einsum", **kw)(
-          "BTD,NDH->BTNH", x)
+          "BTD,NDH->BTNH", x_q)
       kv = Einsum((2, k, d, h), ("kv", "kv_heads", "embed", "head_dim"), name="kv_einsum", **kw)
       key, val = kv("BSD,CKDH->CBSKH", x)
     if c.use_qk_norm:
@@ -257,7 +266,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: LayerCache | None = None, cache_index: jax.Array | None = None,
-               ) -> tuple[jax.Array, LayerCache | None]:
+               query_rows: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     """Attention over x [B,T,D] (or over the cache's S slots when `cache` is given).
 
     Args:
@@ -265,13 +274,20 @@ class Attention(nn.Module):
       positions: [B, T] RoPE positions.
       mask: [B, T, S] bool, True = attend (built by `transformer.attention_mask`).
       cache: optional {"k","v": [B, S, K, H]}; the new keys/values are written at `cache_index`.
+      query_rows: optional [B, n] slot indices: only those queries are computed (keys and
+        values still come from all T slots); the output is then [B, n, D].
     Returns:
-      ([B, T, D], updated cache or None).
+      ([B, T, D] or [B, n, D], updated cache or None).
     """
     c = self.cfg
-    q, key, val = self._project(x)
+    q_pos = positions
+    if query_rows is not None:
+      if cache is not None:
+        raise ValueError("query_rows and a KV cache cannot be combined")
+      q_pos, mask = take_rows(positions, query_rows), take_rows(mask, query_rows)
+    q, key, val = self._project(x, query_rows)
     inv_freq = rope_inv_freq(c, self.layer_type)
-    q = apply_rope(q, positions, inv_freq) * jnp.asarray(c.query_scale, q.dtype)
+    q = apply_rope(q, q_pos, inv_freq) * jnp.asarray(c.query_scale, q.dtype)
     key = apply_rope(key, positions, inv_freq)
     q = constrain(q, ("batch", "length", "activation_heads", None))
     key = constrain(key, ("batch", "length", "activation_kv_heads", None))
@@ -326,15 +342,25 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, ctx: dict[str, jax.Array],
                cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-    """x [B,T,D]; ctx holds `positions` [B,T], `mask_global`/`mask_local` [B,T,S], `cache_index`."""
+    """x [B,T,D]; ctx holds `positions` [B,T], `mask_global`/`mask_local` [B,T,S], `cache_index`.
+
+    With `ctx["readout"]` [B, n] (slot indices, no cache) only those slots' outputs are
+    computed: keys and values come from all T slots, the queries, residual and MLP from the n
+    slots, and the result is [B, n, D] (exact: a causal layer's output at a slot depends on the
+    other slots only through their keys and values).
+    """
     c = self.cfg
     norm = lambda name: RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps,  # noqa: E731
                                 param_dtype=c.jnp_param_dtype, name=name)
     mask = ctx["mask_local"] if self.layer_type == LOCAL else ctx["mask_global"]
+    readout = ctx.get("readout")
     h, cache = Attention(c, self.layer_type, name="attn")(
-        norm("pre_attention_norm")(x), ctx["positions"], mask, cache, ctx.get("cache_index"))
+        norm("pre_attention_norm")(x), ctx["positions"], mask, cache, ctx.get("cache_index"),
+        query_rows=readout)
     if c.use_post_attn_norm:
       h = norm("post_attention_norm")(h)
+    if readout is not None:
+      x = take_rows(x, readout)
     x = constrain(x + h, ("batch", "length", "activation_embed"))
     h = FeedForward(c, name="mlp")(norm("pre_ffw_norm")(x))
     if c.use_post_ffw_norm:

@@ -123,7 +123,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                branch_ids: jax.Array | None = None,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+               cache: Cache | None = None,
+               final_norm: bool = True) -> tuple[jax.Array, Cache | None]:
     """Decoder forward.
 
     Args:
@@ -131,6 +132,8 @@ class Transformer(nn.Module):
       branch_ids: optional [B, T] prompt-sharing branches (no cache).
       cache: optional KV cache from `init_cache`; the T new tokens go to slots
         `cache["index"] ... + T` and attend over all S cache slots.
+      final_norm: False returns the residual stream before `final_norm` (the trunk part of
+        `api.forward_hidden(..., readout=...)`).
     Returns:
       (hidden [B, T, D] after `final_norm`, in cfg.dtype; updated cache or None).
     """
@@ -157,6 +160,8 @@ class Transformer(nn.Module):
                                          window=c.sliding_window, **mask_args)
     x = constrain(Embedder(c, name="embedder")(tokens), ("batch", "length", "activation_embed"))
     x, layer_cache = self._layers(x, ctx, None if cache is None else cache["layers_cache"])
+    if not final_norm:
+      return x, None
     x = RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps, param_dtype=c.jnp_param_dtype,
                 name="final_norm")(x)
     if self.is_initializing():
@@ -179,6 +184,37 @@ class Transformer(nn.Module):
       _Params((("w", lp(normal_init(std), ("embed", "reward_heads")), (c.embed_dim, r)),
                ("b", lp(nn.initializers.zeros_init(), ("reward_heads",)), (r,))),
               pd, name="reward_head")()
+
+
+class ReadoutLayer(nn.Module):
+  """The last decoder layer evaluated only at `readout` slots, then `final_norm`.
+
+  Params: `last/...` (one layer, `Block` names) and `final_norm/scale`. Used by
+  `api.forward_hidden(..., readout=...)` after `Transformer(..., final_norm=False)` has run the
+  other layers, so a reward model reads its score positions without computing the last
+  layer's queries, residual and MLP anywhere else.
+  """
+
+  cfg: ModelConfig
+  layer_type: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               branch_ids: jax.Array | None, readout: jax.Array) -> jax.Array:
+    """x [B, T, D] (residual stream after the other layers), readout [B, n] -> [B, n, D]."""
+    c = self.cfg
+    idx = jnp.arange(x.shape[1], dtype=jnp.int32)
+    mask_args = dict(q_branches=branch_ids, k_branches=branch_ids, q_positions=positions,
+                     k_positions=positions)
+    ctx = {"positions": positions, "cache_index": None, "readout": readout}
+    if self.layer_type == LOCAL:
+      ctx["mask_local"] = attention_mask(idx, idx, segment_ids, segment_ids,
+                                         window=c.sliding_window, **mask_args)
+    else:
+      ctx["mask_global"] = attention_mask(idx, idx, segment_ids, segment_ids, **mask_args)
+    x, _ = _remat(Block, c)(c, self.layer_type, name="last")(x, ctx, None)
+    return RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps,
+                   param_dtype=c.jnp_param_dtype, name="final_norm")(x)
 
 
 class _Params(nn.Module):

@@ -107,20 +107,27 @@ CPU_SCHEDULERS = {"memory_optimized": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                   "xla_default": None}
 
 
-def compiler_options(cpu_scheduler: str = "memory_optimized") -> Optional[dict[str, str]]:
+def compiler_options(cpu_scheduler: str = "memory_optimized", num_devices: int = 1
+                     ) -> Optional[dict[str, str]]:
   """`jax.jit(compiler_options=...)` for the step functions; None off the CPU backend.
 
   On XLA:CPU the default (concurrency-optimised) instruction scheduler starts independent
   ops early so they can run side by side, which keeps their buffers alive together: the
   46M DPO step held 2.6 GB of temporaries. The memory-optimised scheduler orders for live
   memory instead; measured side by side (docs/performance.md, "CPU scheduler") it lowered
-  the step's peak RSS and did not slow it down. TPU / GPU compilers ignore the choice.
+  the step's peak RSS and did not slow it down.
+
+  It is applied to single-device programs only: with several (simulated) CPU devices in one
+  process, a memory-optimised step deadlocked in an all-gather rendezvous (XLA aborts after
+  40 s: "Expected 8 threads to join the rendezvous, but only 3 of them arrived"; seen with 8
+  fake devices on 2 cores in tests/train/test_iterative.py). TPU / GPU compilers are not
+  given the option.
   """
   if cpu_scheduler not in CPU_SCHEDULERS:
     raise ValueError(f"config.train.cpu_scheduler={cpu_scheduler!r}; expected one of "
                      f"{', '.join(CPU_SCHEDULERS)}")
   kind = CPU_SCHEDULERS[cpu_scheduler]
-  if kind is None or jax.default_backend() != "cpu":
+  if kind is None or num_devices > 1 or jax.default_backend() != "cpu":
     return None
   return {"xla_cpu_scheduler_type": kind}
 
@@ -133,7 +140,8 @@ def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax
   fn = functools.partial(train_step, task=task, tx=tx, schedule=schedule,
                          accum_steps=accum_steps)
   return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
-                 donate_argnums=0, compiler_options=compiler_options(cpu_scheduler))
+                 donate_argnums=0,
+                 compiler_options=compiler_options(cpu_scheduler, mesh.devices.size))
 
 
 def jit_eval_step(task: Task, param_sh: Any, ref_sh: Any, batch_sh: Any, mesh: Mesh, *,
@@ -142,4 +150,4 @@ def jit_eval_step(task: Task, param_sh: Any, ref_sh: Any, batch_sh: Any, mesh: M
   repl = NamedSharding(mesh, P())
   return jax.jit(functools.partial(eval_step, task=task),
                  in_shardings=(param_sh, ref_sh, batch_sh), out_shardings=repl,
-                 compiler_options=compiler_options(cpu_scheduler))
+                 compiler_options=compiler_options(cpu_scheduler, mesh.devices.size))

@@ -78,12 +78,13 @@ def flatten_rows(batch: dict[str, jax.Array], layout: str
   return rows, seq_ids, num_seq
 
 
-def forward(model_cfg: Any, params: Any, rows: dict[str, jax.Array]) -> jax.Array:
-  """Final hidden states [R, L, D] of the decoder."""
+def forward(model_cfg: Any, params: Any, rows: dict[str, jax.Array],
+            readout: Optional[jax.Array] = None) -> jax.Array:
+  """Final hidden states [R, L, D] of the decoder ([R, n, D] at `readout` slots [R, n])."""
   kw = {"segment_ids": rows["segment_ids"], "positions": rows["positions"]}
   if "branch_ids" in rows:
     kw["branch_ids"] = rows["branch_ids"]
-  return models.forward_hidden(model_cfg, params, rows["tokens"], **kw)
+  return models.forward_hidden(model_cfg, params, rows["tokens"], readout=readout, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +232,10 @@ def preference_loss(params, ref_params, batch, *, model_cfg, layout, ref_mode, c
 def reward_scores_at_last(params, batch, *, model_cfg, layout):
   """Reward-head scores [R, num_seq, H] read at the last real token of every sequence."""
   rows, seq_ids, num_seq = flatten_rows(batch, layout)
-  hidden = forward(model_cfg, params, rows)
   idx = last_token_index(seq_ids, num_seq)  # [R, S]
-  # Gather the hidden state first, so the head runs on [R, S, D] only.
-  h = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [R, S, D]
+  # Only these slots are read: the last layer runs its queries and MLP there alone, and the
+  # head sees [R, S, D] (`models.forward_hidden(readout=...)`).
+  h = forward(model_cfg, params, rows, readout=idx)  # [R, S, D]
   return models.reward_scores(model_cfg, params, h)  # [R, S, H]
 
 
