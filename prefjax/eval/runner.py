@@ -232,6 +232,8 @@ def evaluate_kinds(score_fns: Mapping[str, ScorePairsFn], eval_sets: Mapping[str
         m["num_batches_cap"] = cap
       if hasattr(batches, "dropped"):  # prefjax.data pipelines count what they skipped
         m["data_dropped"] = dict(batches.dropped)
+      if getattr(batches, "dropped_before", None):  # a split copy's own drops (in the above)
+        m["data_dropped_before_copy"] = dict(batches.dropped_before)
       out[kind][name] = SetResult(name, tags.get(name), m, scores)
   return out
 

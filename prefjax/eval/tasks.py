@@ -270,6 +270,11 @@ class _WithEarlierDrops:
     return len(self._batches)
 
   @property
+  def dropped_before(self) -> dict[str, int]:
+    """What the copy left out (also counted in `dropped`)."""
+    return dict(self._earlier)
+
+  @property
   def dropped(self) -> dict[str, int]:
     out = dict(self._earlier)
     for reason, n in dict(getattr(self._batches, "dropped", {}) or {}).items():

@@ -188,6 +188,7 @@ def test_split_eval_set_reports_what_the_copy_left_out(env, tmp_path):
   assert m["n_pairs"] == len(held) - identical
   assert m["data_dropped"].get("identical", 0) == identical
   assert sum(m["data_dropped"].values()) == identical + 1  # + the line that is not JSON
+  assert m["data_dropped_before_copy"] == m["data_dropped"]  # the copy holds only valid pairs
 
 
 def test_eval_implicit_reward_side_by_side(env, tmp_path):
