@@ -463,15 +463,6 @@ def _hf_to_prefjax_local(path: str) -> tuple[Any, Any]:
   return cfg, params
 
 
-def _prefjax_has_settings(spec: Spec) -> bool:
-  """Whether the installed prefjax has the settings `Spec.prefjax_*` name."""
-  try:
-    import prefjax.models  # noqa: F401
-    return hasattr(prefjax.models, "stack_layers")
-  except ImportError:
-    return False
-
-
 def _load_policy(path: str) -> tuple[Any, Any, str]:
   """(cfg, params, how): `prefjax.models.load_hf_checkpoint` if present, else the local one."""
   import prefjax
@@ -598,12 +589,11 @@ class _PrefjaxWorker:
     ref_params = None
     if self.ref_mode in ("model", "precomputed"):
       _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
-    if _prefjax_has_settings(spec):
-      import prefjax
-      self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat)
-      params = prefjax.models.stack_layers(self.cfg, params)
-      if ref_params is not None:
-        ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
+    import prefjax
+    self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat)
+    params = prefjax.models.stack_layers(self.cfg, params)
+    if ref_params is not None:
+      ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
     params = jax.tree.map(jnp.asarray, params)
     ref_params = None if ref_params is None else jax.tree.map(jnp.asarray, ref_params)
     self.batches = self._make_batches()

@@ -62,6 +62,20 @@ def attention_mask(q_index: jax.Array, k_index: jax.Array, q_segments: jax.Array
   return mask
 
 
+def layer_masks(cfg: ModelConfig, layer_types: Any, q_index: jax.Array, k_index: jax.Array,
+                segment_ids: jax.Array, k_segments: jax.Array, **mask_args: Any
+                ) -> dict[str, jax.Array]:
+  """`mask_global` / `mask_local` (`attention_mask`) for the layer types that will run."""
+  masks = {}
+  if any(t != LOCAL for t in layer_types):
+    masks["mask_global"] = attention_mask(q_index, k_index, segment_ids, k_segments,
+                                          **mask_args)
+  if LOCAL in layer_types:
+    masks["mask_local"] = attention_mask(q_index, k_index, segment_ids, k_segments,
+                                         window=cfg.sliding_window, **mask_args)
+  return masks
+
+
 def _remat(cls: Any, cfg: ModelConfig) -> Any:
   """Wraps a block in `nn.remat` for `cfg.remat` ('full' saves nothing, 'save_dots' matmuls)."""
   if cfg.remat == "none":
@@ -154,10 +168,8 @@ class Transformer(nn.Module):
     mask_args = dict(q_branches=branch_ids, k_branches=k_br, q_positions=positions,
                      k_positions=k_pos)
     ctx = {"positions": positions, "cache_index": None if cache is None else cache["index"],
-           "mask_global": attention_mask(q_index, k_index, segment_ids, k_seg, **mask_args)}
-    if LOCAL in c.attention_pattern:
-      ctx["mask_local"] = attention_mask(q_index, k_index, segment_ids, k_seg,
-                                         window=c.sliding_window, **mask_args)
+           **layer_masks(c, c.attention_pattern, q_index, k_index, segment_ids, k_seg,
+                         **mask_args)}
     x = constrain(Embedder(c, name="embedder")(tokens), ("batch", "length", "activation_embed"))
     x, layer_cache = self._layers(x, ctx, None if cache is None else cache["layers_cache"])
     if not final_norm:
@@ -204,14 +216,10 @@ class ReadoutLayer(nn.Module):
     """x [B, T, D] (residual stream after the other layers), readout [B, n] -> [B, n, D]."""
     c = self.cfg
     idx = jnp.arange(x.shape[1], dtype=jnp.int32)
-    mask_args = dict(q_branches=branch_ids, k_branches=branch_ids, q_positions=positions,
-                     k_positions=positions)
-    ctx = {"positions": positions, "cache_index": None, "readout": readout}
-    if self.layer_type == LOCAL:
-      ctx["mask_local"] = attention_mask(idx, idx, segment_ids, segment_ids,
-                                         window=c.sliding_window, **mask_args)
-    else:
-      ctx["mask_global"] = attention_mask(idx, idx, segment_ids, segment_ids, **mask_args)
+    ctx = {"positions": positions, "cache_index": None, "readout": readout,
+           **layer_masks(c, (self.layer_type,), idx, idx, segment_ids, segment_ids,
+                         q_branches=branch_ids, k_branches=branch_ids, q_positions=positions,
+                         k_positions=positions)}
     x, _ = _remat(Block, c)(c, self.layer_type, name="last")(x, ctx, None)
     return RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps,
                    param_dtype=c.jnp_param_dtype, name="final_norm")(x)

@@ -126,9 +126,9 @@ def validate(config: Any) -> None:
          f"config.ckpt.best_metric={best!r} must name an eval metric (eval/...)")
   _check(int(config.ckpt.keep) >= 1, "config.ckpt.keep must be >= 1")
   _check(int(config.log.every_steps) >= 1, "config.log.every_steps must be >= 1")
+  from prefjax.train.step import CPU_SCHEDULERS  # pylint: disable=import-outside-toplevel
   sched = config.train.get("cpu_scheduler", "memory_optimized")
-  _check(sched in ("memory_optimized", "concurrency_optimized", "xla_default"),
-         f"config.train.cpu_scheduler={sched!r}; expected memory_optimized | "
-         "concurrency_optimized | xla_default")
+  _check(sched in CPU_SCHEDULERS,
+         f"config.train.cpu_scheduler={sched!r}; expected {' | '.join(CPU_SCHEDULERS)}")
   _validate_loss(config)
   _validate_batch(config)
