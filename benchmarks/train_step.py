@@ -116,6 +116,10 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   extra = {"num_layers": args.layers} if args.layers else {}
   if args.scan_layers:
     extra["scan_layers"] = True
+  if args.attention_causal_block is not None:
+    extra["attention_causal_block"] = args.attention_causal_block
+  if args.attention_query_block is not None:
+    extra["attention_query_block"] = args.attention_query_block
   cfg = models.get_config(args.preset, dtype=args.dtype, remat=args.remat,
                           num_reward_heads=1 if task == "reward" else 0, **extra)
   mesh = sharding.make_mesh({"fsdp": -1})
@@ -151,6 +155,12 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
       jax.block_until_ready(m["loss"])
       if i >= args.warmup:
         times.append(time.perf_counter() - t0)
+    if args.profile_dir and not args.compile_only:
+      # One more step, traced (jax.profiler, Perfetto JSON) and not among the timed ones.
+      jax.profiler.start_trace(args.profile_dir, create_perfetto_trace=True)
+      st, m = compiled(st, gb)
+      jax.block_until_ready(m["loss"])
+      jax.profiler.stop_trace()
   if args.compile_only:
     return {"preset": args.preset, "task": name, "layout": layout, "layers": cfg.num_layers,
             "scan_layers": cfg.scan_layers, "cpu_scheduler": args.cpu_scheduler,
@@ -197,6 +207,13 @@ def main(argv=None) -> int:
   p.add_argument("--cpu-scheduler", default="memory_optimized",
                  choices=["memory_optimized", "concurrency_optimized", "xla_default"],
                  help="config.train.cpu_scheduler (XLA:CPU instruction scheduler)")
+  p.add_argument("--attention-causal-block", type=int, default=None,
+                 help="ModelConfig.attention_causal_block (0: every query sees all keys)")
+  p.add_argument("--attention-query-block", type=int, default=None,
+                 help="ModelConfig.attention_query_block (rematerialised query groups; 0: none)")
+  p.add_argument("--profile-dir", default=None,
+                 help="trace the last timed step with jax.profiler into this directory "
+                      "(summarise with benchmarks/profile_summary.py)")
   args = p.parse_args(argv)
   if args.tiny:
     args.preset, args.prompt_len, args.min_response, args.max_response = "tiny_gemma", 8, 4, 8

@@ -71,6 +71,10 @@ class ModelConfig:
   # Queries longer than this are attended in blocks of this many, each block rematerialised
   # in the backward pass, so the f32 [B, T, N, S] scores never exist whole (0: never).
   attention_query_block: int = 1024
+  # Self-attention without a KV cache splits its queries into blocks of this many slots, each
+  # attending only to the keys up to its last slot (exact under the causal mask; about half the
+  # score work at long lengths; 0: every query sees all S keys).
+  attention_causal_block: int = 256
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -89,6 +93,8 @@ class ModelConfig:
       raise ValueError(f"rope_scaling={self.rope_scaling!r}; expected none | linear | llama3")
     if self.attention_impl != "xla":
       raise ValueError(f"attention_impl={self.attention_impl!r}: only 'xla' is implemented")
+    if self.attention_causal_block < 0:
+      raise ValueError(f"attention_causal_block={self.attention_causal_block} must be >= 0")
     if self.attention_query_block < 0:
       raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0")
 

@@ -228,6 +228,55 @@ def blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.A
   return out[:, :t]
 
 
+def causal_blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
+                             softcap: float | None, block: int, remat_block: int = 0,
+                             offset: int = 0) -> jax.Array:
+  """`attend` for self-attention under a causal mask, skipping the keys no query can see.
+
+  The queries are split into blocks of `block` slots; the block ending at slot e (exclusive)
+  attends only to keys [0, e), because the mask is causal in slot order (`attention_mask`:
+  key slot <= query slot) and every later key is masked for every query of the block. The
+  result equals `attend(qg, key, val, mask, softcap)` exactly; the score and probability work
+  falls from T·S to about T·S·(n + 1) / (2n) for n blocks (62.5% at n = 4, 56% at n = 8) -- the
+  block-skipping idea of FlashAttention (Dao et al. 2022, arXiv:2205.14135, Sec. 3.1) at the
+  granularity of XLA ops.
+
+  With `remat_block` > 0 and T > `remat_block`, the queries are first split into groups of
+  `remat_block` slots whose attention is rematerialised in the backward pass (each group's
+  scores exist only while it runs; Rabe & Staats 2021), and each group is split causally as above.
+
+  Args:
+    qg: [B, T, K, G, H] queries of slots offset .. offset + T - 1.
+    key, val: [B, S, K, H] keys and values of slots 0 .. S - 1 (S >= offset + T).
+    mask: [B, T, S] bool, causal in slot order.
+    block: query slots per causal block (> 0).
+    remat_block: query slots per rematerialised group (0: no rematerialisation).
+    offset: slot index of the first query row.
+  Returns:
+    [B, T, K, G, H].
+  """
+  t = qg.shape[1]
+  if remat_block and t > remat_block:
+    def group_fn(q_g, k_g, v_g, m_g, group_offset):
+      return causal_blocked_attention(q_g, k_g, v_g, m_g, softcap, block, offset=group_offset)
+
+    group = jax.checkpoint(group_fn, static_argnums=(4,))
+    outs = []
+    for start in range(0, t, remat_block):
+      end = min(start + remat_block, t)
+      k_end = offset + end
+      outs.append(group(qg[:, start:end], key[:, :k_end], val[:, :k_end],
+                        mask[:, start:end, :k_end], offset + start))
+    return jnp.concatenate(outs, axis=1)
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    k_end = offset + end
+    outs.append(attend(qg[:, start:end], key[:, :k_end], val[:, :k_end],
+                       mask[:, start:end, :k_end], softcap))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
   """x [B, T, ...] at slot indices rows [B, n] -> [B, n, ...]."""
   return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -299,7 +348,11 @@ class Attention(nn.Module):
     g = n // c.num_kv_heads
     qg = q.reshape(b, t, c.num_kv_heads, g, h)
     block = c.attention_query_block
-    if cache is None and block and t > block:
+    if (cache is None and query_rows is None and c.attention_causal_block
+        and key.shape[1] == t):
+      encoded = causal_blocked_attention(qg, key, val, mask, c.attn_logit_softcap,
+                                         c.attention_causal_block, block)
+    elif cache is None and block and t > block:
       encoded = blocked_attention(qg, key, val, mask, c.attn_logit_softcap, block)
     else:
       encoded = attend(qg, key, val, mask, c.attn_logit_softcap)
