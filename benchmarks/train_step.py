@@ -5,8 +5,13 @@ precomputed reference log-probs, simpo, reward) and layouts (padded, packed), bu
 jitted step the trainer uses (`prefjax.train.step.jit_train_step`) on synthetic batches
 shaped like real preference data (prompt P tokens, responses of random length in [Rmin, Rmax]),
 and prints one JSON object per configuration. Times are medians of `--steps` timed steps
-after `--warmup` steps. MFU = model FLOPs / step time / `--peak-flops` (default: 180e9, the
-measured float32 matmul peak of the 2-vCPU dev machine, see benchmarks/peak.py).
+after `--warmup` steps. MFU = model FLOPs / step time / float32 peak, the peak measured by
+benchmarks/peak.py in this process before the model is built unless `--peak-flops` is given.
+Model FLOPs count the matmuls of a causal decoder (the convention of compare_trl.py and of
+PaLM's MFU, Chowdhery et al. 2022, App. B, with the causal half of the attention): 6·N per
+token for a trained forward+backward (N = non-embedding parameters plus the tied LM head) and
+3 · 2·L·(N_heads·head_dim)·Σ len² for the attention scores and values of every sequence of
+`len` tokens; a live reference forward adds a third of each. `mfu_dense` counts 6·N·T alone.
 
   python benchmarks/train_step.py --preset bench_46m --tasks dpo,dpo_precomputed,simpo,reward \
       --layouts padded,packed --batch 8 --prompt-len 64 --min-response 64 --max-response 192
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
 TASKS = {  # name -> (task, loss, reference mode)
     "dpo": ("preference", "dpo", "model"),
@@ -96,14 +102,28 @@ def packed_batch(args, vocab, seed=0) -> dict[str, np.ndarray]:
   return out
 
 
-def model_flops(n_params: int, n_embed: int, tokens: int, task_ref: str) -> float:
-  """6·N·T for the policy's forward+backward (non-embedding N plus the tied LM head) and
-  2·N·T for a live reference forward."""
-  del n_embed  # the embedding lookup is free but the tied LM head is a [D, V] matmul per token
-  flops = 6.0 * n_params * tokens
-  if task_ref == "model":
-    flops += 2.0 * n_params * tokens
-  return flops
+def sum_sq_segment_lengths(segment_ids: np.ndarray) -> int:
+  """Σ len² over the sequences of a batch: segment_ids [..., T] (0 = padding; a packed row
+  holds several segments)."""
+  rows = segment_ids.reshape(-1, segment_ids.shape[-1])
+  total = 0
+  for row in rows:
+    _, counts = np.unique(row[row > 0], return_counts=True)
+    total += int((counts.astype(np.int64) ** 2).sum())
+  return total
+
+
+def attention_flops(cfg: Any, sum_sq_len: int) -> float:
+  """Forward FLOPs of causal attention (scores and values): 2 matmuls × 2·len²/2 per head dim."""
+  return 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq_len
+
+
+def model_flops(n_params: int, tokens: int, task_ref: str, attn_fwd: float = 0.0) -> float:
+  """Forward+backward (3×) of the policy plus a live reference forward (1×) of 2·N·T + the
+  causal attention's forward FLOPs `attn_fwd`; N = non-embedding parameters plus the tied LM
+  head (the embedding lookup is free, the LM head a [D, V] matmul per token)."""
+  fwd = 2.0 * n_params * tokens + attn_fwd
+  return (4.0 if task_ref == "model" else 3.0) * fwd
 
 
 def bench_one(args, name: str, layout: str) -> dict[str, Any]:
@@ -169,15 +189,19 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   step_s = statistics.median(times)
   real = int((batch["segment_ids"] > 0).sum())
   n_params = models.count_params(params)
-  n_embed = cfg.vocab_size * cfg.embed_dim
-  flops = model_flops(n_params, n_embed, real, ref_mode)
+  attn_fwd = attention_flops(cfg, sum_sq_segment_lengths(batch["segment_ids"]))
+  flops = model_flops(n_params, real, ref_mode, attn_fwd)
+  dense = model_flops(n_params, real, ref_mode)
   return {"preset": args.preset, "task": name, "layout": layout, "dtype": args.dtype,
           "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
           "padded_tokens": int(batch["tokens"].size), "real_tokens": real,
           "params": n_params, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
           "step_s_min": round(min(times), 4), "real_tokens_per_s": round(real / step_s, 1),
           "model_tflops_per_step": round(flops / 1e12, 4),
-          "mfu": round(flops / step_s / args.peak_flops, 4), "peak_flops": args.peak_flops,
+          "mfu": round(flops / step_s / args.peak_flops, 4),
+          "mfu_dense": round(dense / step_s / args.peak_flops, 4),
+          "attention_tflops_per_step": round((flops - dense) / 1e12, 4),
+          "peak_flops": args.peak_flops, "peak_measured_here": args.peak_measured_here,
           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
           "devices": jax.device_count(), "loss": float(m["loss"]),
           "scan_layers": cfg.scan_layers, "remat": cfg.remat, "cpu_scheduler": args.cpu_scheduler,
@@ -199,7 +223,8 @@ def main(argv=None) -> int:
   p.add_argument("--chunk", type=int, default=128, help="log-prob chunk size")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--peak-flops", type=float, default=180e9)
+  p.add_argument("--peak-flops", type=float, default=None,
+                 help="float32 peak FLOP/s for MFU (default: measured by peak.py here first)")
   p.add_argument("--tiny", action="store_true", help="tiny_gemma, short sequences")
   p.add_argument("--layers", type=int, default=None, help="override the preset's num_layers")
   p.add_argument("--scan-layers", action="store_true", help="nn.scan over the layers")
@@ -218,6 +243,11 @@ def main(argv=None) -> int:
   if args.tiny:
     args.preset, args.prompt_len, args.min_response, args.max_response = "tiny_gemma", 8, 4, 8
     args.steps, args.batch = 2, 4
+  args.peak_measured_here = args.peak_flops is None and not args.compile_only
+  if args.peak_measured_here:
+    import peak  # pylint: disable=g-import-not-at-top  (benchmarks/peak.py)
+    sizes, repeats = ([128, 256], 2) if args.tiny else ([1024, 2048], 5)
+    args.peak_flops = peak.measure(sizes, ["float32"], repeats)["peak_flops_float32"]
   for name in args.tasks.split(","):
     for layout in args.layouts.split(","):
       # A fresh process per config would isolate peak RSS; here it is cumulative (max so far).

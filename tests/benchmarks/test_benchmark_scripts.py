@@ -65,6 +65,31 @@ def test_compare_trl_helpers():
   assert f == pytest.approx(g * 4 / 3)
 
 
+def test_train_step_flops_match_compare_trl():
+  """train_step.py's model FLOPs (segment lengths from segment_ids, packed rows included) equal
+  compare_trl.py's (lengths from the examples), for a live reference and without one."""
+  ts, ct = _load("train_step"), _load("compare_trl")
+  from prefjax import models
+  spec, tiny = ct.Spec(), ct.tiny_spec(ct.Spec())
+  every = ct.make_examples(tiny)
+  counts, ex = ct.batch_token_counts(tiny, every)[0], every[:tiny.batch_pairs]
+  lengths = [len(e["prompt_ids"]) + len(e[k]) for e in ex for k in ("chosen_ids", "rejected_ids")]
+  assert counts["sum_sq_len"] == sum(n * n for n in lengths)
+  seg = np.zeros((2, sum(lengths)), np.int32)  # row 0: all sequences packed; row 1: padding
+  at = 0
+  for i, n in enumerate(lengths):
+    seg[0, at:at + n] = i + 1
+    at += n
+  assert ts.sum_sq_segment_lengths(seg) == counts["sum_sq_len"]
+  cfg = models.get_config("bench_46m")
+  n = ct.matmul_params(spec)
+  for ref, passes in (("model", 1), ("none", 0)):
+    want = ct.model_flops(spec, counts, train_passes=1, ref_passes=passes)
+    got = ts.model_flops(n, counts["real_tokens"], ref,
+                         ts.attention_flops(cfg, ts.sum_sq_segment_lengths(seg)))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
 def test_pad_pairs_matches_trl_masking():
   """loss_mask marks exactly the completion targets, as TRL's completion_mask shifted by one."""
   ct = _load("compare_trl")
