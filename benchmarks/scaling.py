@@ -77,6 +77,9 @@ def main(argv=None) -> int:
                  help="ModelConfig.attention_causal_block of every point (default: the preset's)")
   p.add_argument("--attention-query-block", type=int, default=None,
                  help="ModelConfig.attention_query_block of every point (default: the preset's)")
+  p.add_argument("--logps-implementation", default=None,
+                 help="config.train.logps_implementation of every point (saved_logits: no "
+                      "LM-head recomputation in the backward pass)")
   a = p.parse_args(argv)
   peak_runs = []
   if a.peak_flops is None:
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     extra += ["--attention-causal-block", str(a.attention_causal_block)]
   if a.attention_query_block is not None:
     extra += ["--attention-query-block", str(a.attention_query_block)]
+  if a.logps_implementation:
+    extra += ["--logps-implementation", a.logps_implementation]
   common += extra
   summary: dict = {"summary": True, "preset": a.preset, "peak_flops": a.peak_flops}
   sweeps = a.sweeps.split(",")

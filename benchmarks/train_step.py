@@ -7,11 +7,13 @@ shaped like real preference data (prompt P tokens, responses of random length in
 and prints one JSON object per configuration. Times are medians of `--steps` timed steps
 after `--warmup` steps. MFU = model FLOPs / step time / float32 peak, the peak measured by
 benchmarks/peak.py in this process before the model is built unless `--peak-flops` is given.
-Model FLOPs count the matmuls of a causal decoder (the convention of compare_trl.py and of
-PaLM's MFU, Chowdhery et al. 2022, App. B, with the causal half of the attention): 6·N per
-token for a trained forward+backward (N = non-embedding parameters plus the tied LM head) and
-3 · 2·L·(N_heads·head_dim)·Σ len² for the attention scores and values of every sequence of
-`len` tokens; a live reference forward adds a third of each. `mfu_dense` counts 6·N·T alone.
+Model FLOPs count the matmuls of a causal decoder (PaLM's MFU, Chowdhery et al. 2022, App. B,
+with the causal half of the attention): 6·N per token for a trained forward+backward (N =
+non-embedding parameters plus the tied LM head, the head counted only at the positions whose
+log-prob the loss needs, never for a reward model) and 3 · 2·L·(N_heads·head_dim)·Σ len² for
+the attention scores and values of every sequence of `len` tokens; a live reference forward
+adds a third of each. `mfu_dense` is the older 6·N·T over every token, attention left out.
+(compare_trl.py counts the head at every real token, as TRL computes it there.)
 
   python benchmarks/train_step.py --preset bench_46m --tasks dpo,dpo_precomputed,simpo,reward \
       --layouts padded,packed --batch 8 --prompt-len 64 --min-response 64 --max-response 192
@@ -118,11 +120,15 @@ def attention_flops(cfg: Any, sum_sq_len: int) -> float:
   return 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq_len
 
 
-def model_flops(n_params: int, tokens: int, task_ref: str, attn_fwd: float = 0.0) -> float:
+def model_flops(n_params: int, tokens: int, task_ref: str, attn_fwd: float = 0.0,
+                head_params: int = 0, head_tokens: int | None = None) -> float:
   """Forward+backward (3×) of the policy plus a live reference forward (1×) of 2·N·T + the
   causal attention's forward FLOPs `attn_fwd`; N = non-embedding parameters plus the tied LM
-  head (the embedding lookup is free, the LM head a [D, V] matmul per token)."""
-  fwd = 2.0 * n_params * tokens + attn_fwd
+  head (the embedding lookup is free, the LM head a [D, V] matmul per token). With
+  `head_params` (V·D) and `head_tokens`, the LM head is counted only at `head_tokens`
+  positions (those whose log-prob the loss needs) instead of at every token."""
+  head_tokens = tokens if head_tokens is None else head_tokens
+  fwd = 2.0 * (n_params - head_params) * tokens + 2.0 * head_params * head_tokens + attn_fwd
   return (4.0 if task_ref == "model" else 3.0) * fwd
 
 
@@ -154,8 +160,9 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
     batch["ref_logps"] = np.full((lead, 4, 2) if layout == "packed" else (lead, 2), -50.0,
                                  np.float32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    head = tasks.HeadOptions(args.chunk, args.logps_implementation)
     t_obj = tasks.make_task(task, model_cfg=cfg, layout=layout, loss_config=loss_cfg,
-                            ref_mode=ref_mode, chunk_size=args.chunk)
+                            ref_mode=ref_mode, chunk_size=head)
     tx, sched = optimizer.make_optimizer(optim, 1000)
     psh = models.param_shardings(cfg, mesh, rules)
     params = models.init_params(cfg, jax.random.PRNGKey(0), mesh=mesh, rules=rules)
@@ -190,7 +197,10 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   real = int((batch["segment_ids"] > 0).sum())
   n_params = models.count_params(params)
   attn_fwd = attention_flops(cfg, sum_sq_segment_lengths(batch["segment_ids"]))
-  flops = model_flops(n_params, real, ref_mode, attn_fwd)
+  # The vocabulary head counts only where a log-prob is needed (no LM head for a reward model).
+  head_tokens = 0 if task == "reward" else int((batch["loss_mask"] > 0).sum())
+  head = dict(head_params=cfg.vocab_size * cfg.embed_dim, head_tokens=head_tokens)
+  flops = model_flops(n_params, real, ref_mode, attn_fwd, **head)
   dense = model_flops(n_params, real, ref_mode)
   return {"preset": args.preset, "task": name, "layout": layout, "dtype": args.dtype,
           "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
@@ -200,11 +210,14 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
           "model_tflops_per_step": round(flops / 1e12, 4),
           "mfu": round(flops / step_s / args.peak_flops, 4),
           "mfu_dense": round(dense / step_s / args.peak_flops, 4),
-          "attention_tflops_per_step": round((flops - dense) / 1e12, 4),
+          "head_tokens": head_tokens,
           "peak_flops": args.peak_flops, "peak_measured_here": args.peak_measured_here,
           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
           "devices": jax.device_count(), "loss": float(m["loss"]),
           "scan_layers": cfg.scan_layers, "remat": cfg.remat, "cpu_scheduler": args.cpu_scheduler,
+          "logps_implementation": args.logps_implementation or "custom_vjp",
+          "attention_causal_block": cfg.attention_causal_block,
+          "attention_query_block": cfg.attention_query_block,
           "xla_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
@@ -236,6 +249,9 @@ def main(argv=None) -> int:
                  help="ModelConfig.attention_causal_block (0: every query sees all keys)")
   p.add_argument("--attention-query-block", type=int, default=None,
                  help="ModelConfig.attention_query_block (rematerialised query groups; 0: none)")
+  p.add_argument("--logps-implementation", default=None,
+                 choices=["custom_vjp", "saved_logits", "checkpoint"],
+                 help="config.train.logps_implementation (default: the ops default, custom_vjp)")
   p.add_argument("--profile-dir", default=None,
                  help="trace the last timed step with jax.profiler into this directory "
                       "(summarise with benchmarks/profile_summary.py)")

@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
-  c.train.logps_implementation = placeholder(str)  # custom_vjp | checkpoint | None: ops default
+  c.train.logps_implementation = placeholder(str)  # custom_vjp | saved_logits | checkpoint | None: ops default
   # Vocabulary head only at loss positions (prompt / padding dropped first; ~1.9x less head
   # work on HH-shaped pairs), in chunks of this many compacted positions per batch shard.
   c.train.logps_compact = True

@@ -36,6 +36,7 @@ def test_missing_workdir_is_a_usage_error():
     ({"optim.grad_accum_steps": 3}, "divisible by grad_accum_steps"),
     ({"optim.schedule": "cosin"}, "optim.schedule"),
     ({"train.cpu_scheduler": "fast"}, "config.train.cpu_scheduler='fast'"),
+    ({"train.logps_implementation": "fused"}, "config.train.logps_implementation='fused'"),
     ({"mesh.fsdp": 3}, "config.mesh"),
 ])
 def test_validate_messages(overrides, needle):

@@ -29,6 +29,10 @@ at B=8, T=1024, D=2048, V=256k, C=128; see benchmarks/logprobs.py).
 Cost: the custom VJP does 4 LM-head-sized matmuls for value_and_grad (forward,
 recompute, d hidden, d unembedding) against 3 for the naive version; it wins
 back time by never writing or re-reading [B, T, V] arrays.
+`implementation="saved_logits"` trades the other way: its forward keeps each
+chunk's float32 logits (4·T·V bytes in all, 262 MB for T = 2048, V = 32000) so
+its backward does 3 matmuls and no recomputation -- for vocabularies and lengths
+where that memory is affordable (on the dev CPU, ~6% of a T = 1024 train step).
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.ops import _chunks
+
+
+IMPLEMENTATIONS = ("custom_vjp", "saved_logits", "checkpoint")
 
 
 def token_logps_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -69,7 +76,7 @@ def token_logps_from_hidden(
     logit_softcap: Optional[float] = None,
     compute_dtype: Optional[Any] = None,
     vocab_chunk_size: int = 8192,
-    implementation: Literal["custom_vjp", "checkpoint"] = "custom_vjp",
+    implementation: Literal["custom_vjp", "checkpoint", "saved_logits"] = "custom_vjp",
     where: Optional[jax.Array] = None,
     where_groups: int = 1,
 ) -> jax.Array:
@@ -95,8 +102,10 @@ def token_logps_from_hidden(
       scratch is a few float32 [B, C, Vb] blocks. V need not be a multiple of
       Vb. If the unembedding is sharded along V, Vb >= V avoids slicing it.
     implementation: "custom_vjp" (default; hand-written backward pass, reverse
-      mode only) or "checkpoint" (`jax.checkpoint` + `lax.scan`, autodiff does
-      the rest; supports forward mode too).
+      mode only), "saved_logits" (hand-written backward pass that reuses the
+      forward's float32 logits, [B, T, V] of them in all, instead of recomputing
+      them; `vocab_chunk_size` is ignored) or "checkpoint" (`jax.checkpoint` +
+      `lax.scan`, autodiff does the rest; supports forward mode too).
     where: optional [B, T] bool, the positions whose log-prob is needed (e.g. the
       response tokens of a preference pair). Other positions return 0 and get no
       gradient, and the head does not compute them: the needed positions are moved
@@ -114,9 +123,9 @@ def token_logps_from_hidden(
     [B, T] float32 log-probabilities (0 where `where` is False).
   """
   _chunks.check_head(hidden, unembedding)
-  if implementation not in ("custom_vjp", "checkpoint"):
+  if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation {implementation!r}; "
-                     "expected 'custom_vjp' or 'checkpoint'")
+                     f"expected one of {IMPLEMENTATIONS}")
   if targets.shape != hidden.shape[:-1]:
     raise ValueError(f"targets shape {targets.shape} must equal hidden shape without D "
                      f"{hidden.shape[:-1]}")
@@ -172,6 +181,8 @@ def _scan_logps(h_chunks, w, t_chunks, active, cap, vblock, implementation):
   "checkpoint" computes every chunk, and the caller masks what it does not need)."""
   if implementation == "custom_vjp":
     return _scan_logps_custom_vjp(h_chunks, w, t_chunks, active, cap, vblock)
+  if implementation == "saved_logits":
+    return _scan_logps_saved_logits(h_chunks, w, t_chunks, active, cap)
   return _scan_logps_checkpoint(h_chunks, w, t_chunks, cap)
 
 
@@ -310,3 +321,69 @@ def _logps_bwd(cap, vblock, res, g):
 
 
 _scan_logps_custom_vjp.defvjp(_logps_fwd, _logps_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _scan_logps_saved_logits(h_chunks, w, t_chunks, active, cap):
+  """As `_scan_logps_custom_vjp`, keeping every chunk's logits for the backward pass.
+
+  [n, N, C, D], [V, D], [n, N, C], bool [n] or None -> float32 [n, N, C] log-probs; the
+  residual holds float32 [n, N, C, V] (soft-capped) logits, so the backward pass is d hidden
+  = d z @ W and d W = d z^T @ hidden per chunk with no LM-head recomputation."""
+  return _saved_fwd(h_chunks, w, t_chunks, active, cap)[0]
+
+
+def _saved_fwd(h_chunks, w, t_chunks, active, cap):
+  def chunk(h_c, t_c):
+    z = _chunks.chunk_logits(h_c, w, cap)  # [N, C, V] float32
+    logp, lse = _chunk_logps_from_logits(z, t_c)
+    return logp, lse, z
+
+  def body(carry, xs):
+    h_c, t_c, on = xs
+    if on is None:
+      return carry, chunk(h_c, t_c)
+    zeros = jnp.zeros(t_c.shape, jnp.float32)
+    z0 = jnp.zeros(t_c.shape + (w.shape[0],), jnp.float32)
+    return carry, jax.lax.cond(on, lambda: chunk(h_c, t_c), lambda: (zeros, zeros, z0))
+
+  _, (logp, lse, z) = jax.lax.scan(body, None, (h_chunks, t_chunks, active))
+  return logp, (h_chunks, w, t_chunks, active, lse, z)
+
+
+def _chunk_logps_from_logits(z, t_c):
+  """float32 logits [N, C, V], targets [N, C] -> log-probs and logsumexp [N, C]."""
+  lse = jax.nn.logsumexp(z, axis=-1)
+  return jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0] - lse, lse
+
+
+def _saved_bwd(cap, res, g):
+  """d z = g * (onehot(target) - softmax(z)) (times 1 - tanh² under soft-capping, with
+  tanh = z / c read off the saved capped logits), then both matmuls per chunk."""
+  h_chunks, w, t_chunks, active, lse, z_all = res
+
+  def chunk(dw, h_c, t_c, lse_c, g_c, z):
+    p = jnp.exp(z - lse_c[..., None])
+    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
+    dz = g_c[..., None] * (onehot.astype(jnp.float32) - p)
+    if cap is not None:
+      th = z / cap
+      dz = dz * (1.0 - th * th)
+    dz = dz.astype(w.dtype)
+    dh_c = jnp.einsum("NCV,VD->NCD", dz, w, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("NCV,NCD->VD", dz, h_c, preferred_element_type=jnp.float32)
+    return dw, dh_c.astype(h_c.dtype)
+
+  def body(dw, xs):
+    h_c, t_c, lse_c, g_c, z, on = xs
+    if on is None:
+      return chunk(dw, h_c, t_c, lse_c, g_c, z)
+    skip = lambda dw: (dw, jnp.zeros(h_c.shape, h_c.dtype))  # noqa: E731
+    return jax.lax.cond(on, lambda dw: chunk(dw, h_c, t_c, lse_c, g_c, z), skip, dw)
+
+  dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32),
+                        (h_chunks, t_chunks, lse, g.astype(jnp.float32), z_all, active))
+  return dh, dw.astype(w.dtype), None, None
+
+
+_scan_logps_saved_logits.defvjp(_saved_fwd, _saved_bwd)

@@ -130,5 +130,10 @@ def validate(config: Any) -> None:
   sched = config.train.get("cpu_scheduler", "memory_optimized")
   _check(sched in CPU_SCHEDULERS,
          f"config.train.cpu_scheduler={sched!r}; expected {' | '.join(CPU_SCHEDULERS)}")
+  from prefjax.ops.logprobs import IMPLEMENTATIONS  # pylint: disable=import-outside-toplevel
+  impl = config.train.get("logps_implementation")
+  _check(impl is None or impl in IMPLEMENTATIONS,
+         f"config.train.logps_implementation={impl!r}; expected {' | '.join(IMPLEMENTATIONS)} "
+         "(or unset: custom_vjp)")
   _validate_loss(config)
   _validate_batch(config)

@@ -88,6 +88,11 @@ def test_train_step_flops_match_compare_trl():
     got = ts.model_flops(n, counts["real_tokens"], ref,
                          ts.attention_flops(cfg, ts.sum_sq_segment_lengths(seg)))
     assert got == pytest.approx(want, rel=1e-12)
+    # Counting the vocabulary head at fewer positions removes 2·V·D per position and pass.
+    vd = cfg.vocab_size * cfg.embed_dim
+    fewer = ts.model_flops(n, counts["real_tokens"], ref,
+                           ts.attention_flops(cfg, counts["sum_sq_len"]), vd, 100)
+    assert got - fewer == pytest.approx((3 + passes) * 2 * vd * (counts["real_tokens"] - 100))
 
 
 def test_pad_pairs_matches_trl_masking():

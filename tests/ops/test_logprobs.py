@@ -85,6 +85,9 @@ CASES = [
     ("custom_vjp", None, 5, 128, 64),
     ("checkpoint", None, 13, 4, None),
     ("checkpoint", 2.5, 12, 4, None),
+    ("saved_logits", None, 13, 4, None),
+    ("saved_logits", 2.5, 13, 4, None),
+    ("saved_logits", None, 5, 128, None),
 ]
 
 
@@ -205,7 +208,7 @@ def test_bad_arguments():
     ops.token_logps_from_hidden(h, w, y, implementation="nope")
 
 
-@pytest.mark.parametrize("implementation", ["custom_vjp", "checkpoint"])
+@pytest.mark.parametrize("implementation", ["custom_vjp", "checkpoint", "saved_logits"])
 @pytest.mark.parametrize("chunk,groups,cap", [(4, 1, None), (5, 2, None), (3, 4, 2.0),
                                               (64, 1, None)])
 def test_where_compacted_matches_naive(implementation, chunk, groups, cap):
@@ -233,11 +236,13 @@ def test_where_skips_chunks_past_the_last_needed_position():
   h, w, y, _, g = _inputs(b=2, t=6, d=4, v=11, seed=5)
   where = jnp.zeros((2, 6), bool).at[0, 1].set(True).at[1, 4:].set(True)
   h = h.at[0, 5].set(jnp.nan)  # sorted to the end of the compacted rows
-  fn = lambda h, w: ops.token_logps_from_hidden(h, w, y, chunk_size=2, where=where)  # noqa: E731
-  out = fn(h, w)
-  assert np.isfinite(np.asarray(out)).all()
-  dh, dw = jax.grad(lambda h, w: jnp.sum(fn(h, w) * g), argnums=(0, 1))(h, w)
-  assert np.isfinite(np.asarray(dw)).all() and np.isfinite(np.asarray(dh)[where]).all()
+  for impl in ("custom_vjp", "saved_logits"):
+    fn = lambda h, w: ops.token_logps_from_hidden(h, w, y, chunk_size=2, where=where,  # noqa: E731
+                                                  implementation=impl)
+    out = fn(h, w)
+    assert np.isfinite(np.asarray(out)).all()
+    dh, dw = jax.grad(lambda h, w: jnp.sum(fn(h, w) * g), argnums=(0, 1))(h, w)
+    assert np.isfinite(np.asarray(dw)).all() and np.isfinite(np.asarray(dh)[where]).all()
 
 
 def test_where_errors():
@@ -246,3 +251,30 @@ def test_where_errors():
     ops.token_logps_from_hidden(h, w, y, where=jnp.ones((3, 4), bool))
   with pytest.raises(ValueError, match="where_groups=2"):
     ops.token_logps_from_hidden(h, w, y, where=jnp.ones((3, 5), bool), where_groups=2)
+
+
+def _count_dots(jaxpr) -> int:
+  """dot_general equations in a jaxpr and every sub-jaxpr (scan / cond / custom_vjp bodies)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "dot_general"
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          n += _count_dots(inner)
+  return n
+
+
+def test_saved_logits_does_one_matmul_fewer():
+  """value_and_grad traces 3 LM-head matmuls with "saved_logits", 4 with "custom_vjp"
+  (forward, recomputed logits, d hidden, d unembedding)."""
+  h, w, y, mask, g = _inputs(b=2, t=64, d=32, v=512, seed=6)
+
+  def dots(impl):
+    fn = functools.partial(ops.token_logps_from_hidden, chunk_size=32, implementation=impl,
+                           vocab_chunk_size=512)
+    return _count_dots(jax.make_jaxpr(jax.grad(lambda h, w: _loss(fn, h, w, y, mask, g),
+                                               argnums=(0, 1)))(h, w).jaxpr)
+
+  assert (dots("saved_logits"), dots("custom_vjp")) == (3, 4)
