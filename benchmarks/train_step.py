@@ -256,6 +256,10 @@ def main(argv=None) -> int:
                  help="trace the last timed step with jax.profiler into this directory "
                       "(summarise with benchmarks/profile_summary.py)")
   args = p.parse_args(argv)
+  if args.profile_dir:  # the optimised HLO beside the trace, for benchmarks/profile_summary.py
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_dump_to="
+                                        + os.path.join(args.profile_dir, "hlo"),
+                                        "--xla_dump_hlo_as_text"]).strip()
   if args.tiny:
     args.preset, args.prompt_len, args.min_response, args.max_response = "tiny_gemma", 8, 4, 8
     args.steps, args.batch = 2, 4

@@ -236,7 +236,9 @@ def causal_blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask
   The queries are split into blocks of `block` slots; the block ending at slot e (exclusive)
   attends only to keys [0, e), because the mask is causal in slot order (`attention_mask`:
   key slot <= query slot) and every later key is masked for every query of the block. The
-  result equals `attend(qg, key, val, mask, softcap)` exactly; the score and probability work
+  result equals `attend(qg, key, val, mask, softcap)` at every query that may see a key (a
+  padding row, which sees none, averages the values up to its block's end instead of all S;
+  nothing reads it). The score and probability work
   falls from T·S to about T·S·(n + 1) / (2n) for n blocks (62.5% at n = 4, 56% at n = 8) -- the
   block-skipping idea of FlashAttention (Dao et al. 2022, arXiv:2205.14135, Sec. 3.1) at the
   granularity of XLA ops.

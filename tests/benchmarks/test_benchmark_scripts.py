@@ -206,3 +206,39 @@ def test_step_memory_tiny_variants_agree():
   assert rows[0]["scan_layers"] and rows[1]["remat"] == "full"
   np.testing.assert_allclose(rows[0]["losses"], rows[1]["losses"], rtol=1e-5)
   assert all(r["peak_rss_gib"] > 0 and r["median_step_s"] > 0 for r in rows)
+
+
+def test_profile_summary_dot_flops_from_hlo():
+  """FLOPs of a dot fusion read off HLO text: 2·M·N·K, batch dims included."""
+  ps = _load("profile_summary")
+  hlo = """%fused_computation.1 (p0: f32[2,8,16], p1: f32[2,16,4]) -> f32[2,8,4] {
+  %p0 = f32[2,8,16]{2,1,0} parameter(0)
+  %p1 = f32[2,16,4]{2,1,0} parameter(1)
+  ROOT %dot.1 = f32[2,8,4]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+}
+
+ENTRY %main (a: f32[2,8,16], b: f32[2,16,4]) -> f32[2,8,4] {
+  %a = f32[2,8,16]{2,1,0} parameter(0)
+  %b = f32[2,16,4]{2,1,0} parameter(1)
+  ROOT %ynn_fusion.1 = f32[2,8,4]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(f)/layers/mlp/BTD,DF->BTF/dot_general"}
+}
+"""
+  info = ps.parse_hlo(hlo)["ynn_fusion.1"]
+  assert info["flops"] == 2 * 2 * 8 * 4 * 16
+  assert ps.part_of(info) == "mlp"
+
+
+@pytest.mark.slow
+def test_profile_summary_reads_a_traced_tiny_step(tmp_path):
+  """train_step.py --profile-dir writes a trace and the HLO; profile_summary joins them."""
+  out = tmp_path / "prof"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]  # one device
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags))
+  r = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--tasks", "simpo",
+                      "--layouts", "padded", "--profile-dir", str(out)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  s = _run([str(BENCH / "profile_summary.py"), str(out), "--json"], timeout=300)
+  assert s["op_ms"] > 0 and s["ops"]
+  assert "mlp" in s["parts"] and s["parts"]["mlp"]["gflop"] > 0
