@@ -32,7 +32,8 @@ back time by never writing or re-reading [B, T, V] arrays.
 `implementation="saved_logits"` trades the other way: its forward keeps each
 chunk's float32 logits (4·T·V bytes in all, 262 MB for T = 2048, V = 32000) so
 its backward does 3 matmuls and no recomputation -- for vocabularies and lengths
-where that memory is affordable (on the dev CPU, ~6% of a T = 1024 train step).
+where that memory is affordable (2-15% of a T = 1024 train step on the dev CPU,
+docs/performance.md).
 """
 from __future__ import annotations
 
@@ -188,10 +189,13 @@ def _scan_logps(h_chunks, w, t_chunks, active, cap, vblock, implementation):
 
 def _chunk_logps_and_lse(h_c, w, t_c, cap):
   """One chunk: [N, C, D], [V, D], [N, C] -> float32 log-probs [N, C] and logsumexp [N, C]."""
-  z = _chunks.chunk_logits(h_c, w, cap)
+  return _chunk_logps_from_logits(_chunks.chunk_logits(h_c, w, cap), t_c)
+
+
+def _chunk_logps_from_logits(z, t_c):
+  """float32 logits [N, C, V], targets [N, C] -> log-probs and logsumexp [N, C]."""
   lse = jax.nn.logsumexp(z, axis=-1)
-  picked = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
-  return picked - lse, lse
+  return jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0] - lse, lse
 
 
 def _scan_logps_checkpoint(h_chunks, w, t_chunks, cap):
@@ -336,8 +340,7 @@ def _scan_logps_saved_logits(h_chunks, w, t_chunks, active, cap):
 def _saved_fwd(h_chunks, w, t_chunks, active, cap):
   def chunk(h_c, t_c):
     z = _chunks.chunk_logits(h_c, w, cap)  # [N, C, V] float32
-    logp, lse = _chunk_logps_from_logits(z, t_c)
-    return logp, lse, z
+    return _chunk_logps_from_logits(z, t_c) + (z,)
 
   def body(carry, xs):
     h_c, t_c, on = xs
@@ -349,12 +352,6 @@ def _saved_fwd(h_chunks, w, t_chunks, active, cap):
 
   _, (logp, lse, z) = jax.lax.scan(body, None, (h_chunks, t_chunks, active))
   return logp, (h_chunks, w, t_chunks, active, lse, z)
-
-
-def _chunk_logps_from_logits(z, t_c):
-  """float32 logits [N, C, V], targets [N, C] -> log-probs and logsumexp [N, C]."""
-  lse = jax.nn.logsumexp(z, axis=-1)
-  return jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0] - lse, lse
 
 
 def _saved_bwd(cap, res, g):

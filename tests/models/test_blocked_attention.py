@@ -19,13 +19,17 @@ def test_blocked_equals_plain(t, block, softcap):
   mask = jnp.broadcast_to(causal, (b, t, s)).at[1, :, : 3].set(False)  # some keys padded
   r = jax.random.normal(ks[3], (b, t, k, g, h))
 
-  def loss(fn):
-    return lambda q, key, val: jnp.sum(fn(q, key, val) * r)
-
   plain = lambda q, key, val: attend(q, key, val, mask, softcap)
   blocked = lambda q, key, val: blocked_attention(q, key, val, mask, softcap, block)
-  v0, g0 = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))(q, key, val)
-  v1, g1 = jax.jit(jax.value_and_grad(loss(blocked), argnums=(0, 1, 2)))(q, key, val)
+  _assert_same_value_and_grads(plain, blocked, (q, key, val), r)
+
+
+def _assert_same_value_and_grads(plain, blocked, args, r):
+  """sum(fn(*args) * r) and its gradients w.r.t. all args agree (blocked one jitted)."""
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * r)  # noqa: E731
+  argnums = tuple(range(len(args)))
+  v0, g0 = jax.value_and_grad(loss(plain), argnums=argnums)(*args)
+  v1, g1 = jax.jit(jax.value_and_grad(loss(blocked), argnums=argnums))(*args)
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   for a, e in zip(g1, g0):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
@@ -71,17 +75,10 @@ def test_causal_blocked_equals_plain(t, block, remat_block, softcap):
   mask, seg = _packed_causal_mask(b, t)
   r = jax.random.normal(ks[3], (b, t, k, g, h)) * (seg != 0)[:, :, None, None, None]
 
-  def loss(fn):
-    return lambda q, key, val: jnp.sum(fn(q, key, val) * r)
-
   plain = lambda q, key, val: attend(q, key, val, mask, softcap)
   blocked = lambda q, key, val: causal_blocked_attention(q, key, val, mask, softcap, block,
                                                          remat_block)
-  v0, g0 = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))(q, key, val)
-  v1, g1 = jax.jit(jax.value_and_grad(loss(blocked), argnums=(0, 1, 2)))(q, key, val)
-  np.testing.assert_allclose(v1, v0, rtol=1e-5)
-  for a, e in zip(g1, g0):
-    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+  _assert_same_value_and_grads(plain, blocked, (q, key, val), r)
 
 
 def test_causal_blocked_skips_score_work():
