@@ -1125,10 +1125,9 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> Optional[float]:
 
 def measure_peak(tiny: bool) -> float:
   """float32 peak from benchmarks/peak.py, in a subprocess (keeps JAX out of this process)."""
-  cmd = [sys.executable, os.path.join(_HERE, "peak.py"), "--dtypes", "float32"]
-  cmd += ["--tiny"] if tiny else ["--sizes", "1024", "2048", "--repeats", "5"]
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_REPO)
-  return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_flops_float32"])
+  sys.path.insert(0, _HERE)
+  import peak  # pylint: disable=g-import-not-at-top  (benchmarks/peak.py)
+  return peak.measure_in_subprocess(tiny)
 
 
 def peer_unavailable(peer: str, python: str) -> Optional[str]:

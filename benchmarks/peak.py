@@ -84,6 +84,15 @@ def measure(sizes: Sequence[int], dtypes: Sequence[str], repeats: int) -> dict[s
   return result
 
 
+def measure_in_subprocess(tiny: bool = False) -> float:
+  """float32 peak from this script run in a fresh process (keeps JAX out of the caller)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  args = ["--tiny"] if tiny else ["--sizes", "1024", "2048", "--repeats", "5"]
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--dtypes", "float32", *args],
+                       check=True, capture_output=True, text=True, timeout=900)
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_flops_float32"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point: prints one JSON object on the last line."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,6 +27,8 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import peak  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/peak.py)
 
 
 def _point(args: list[str], devices: int = 1, timeout: int = 1800) -> dict:
@@ -48,14 +50,6 @@ def _point(args: list[str], devices: int = 1, timeout: int = 1800) -> dict:
   return out
 
 
-def _peak(preset: str) -> float:
-  """float32 peak FLOP/s from benchmarks/peak.py in a fresh process (tiny sizes for tiny presets)."""
-  args = ["--tiny"] if preset.startswith("tiny") else ["--sizes", "1024", "2048", "--repeats", "5"]
-  r = subprocess.run([sys.executable, str(HERE / "peak.py"), "--dtypes", "float32", *args],
-                     capture_output=True, text=True, check=True, timeout=900)
-  return float(json.loads(r.stdout.strip().splitlines()[-1])["peak_flops_float32"])
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sweeps", default="seq,batch,devices,compile")
@@ -66,8 +60,8 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--peak-flops", type=float, default=None,
-                 help="float32 peak for MFU (default: benchmarks/peak.py, run before and after "
-                      "the sweeps in this invocation; the higher of the two is used)")
+                 help="float32 peak for MFU (default: benchmarks/peak.py, run before the sweeps "
+                      "for MFU and after them for `mfu_vs_max_peak`)")
   p.add_argument("--scan-layers", action="store_true",
                  help="seq / batch / devices sweeps with ModelConfig.scan_layers")
   p.add_argument("--remat", default="none", help="ModelConfig.remat of those sweeps")
@@ -83,7 +77,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   peak_runs = []
   if a.peak_flops is None:
-    peak_runs.append(_peak(a.preset))
+    peak_runs.append(peak.measure_in_subprocess(a.preset.startswith("tiny")))
     a.peak_flops = peak_runs[0]
   common = ["--preset", a.preset, "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--peak-flops", str(a.peak_flops), "--remat", a.remat,
@@ -144,7 +138,7 @@ def main(argv=None) -> int:
     summary["compile_s"] = {f"{r.get('layers')}{'_scan' if r.get('scan_layers') else ''}":
                             r.get("compile_s") for r in rows}
   if peak_runs:  # contention only lowers a measured peak: report both, MFU used the first
-    peak_runs.append(_peak(a.preset))
+    peak_runs.append(peak.measure_in_subprocess(a.preset.startswith("tiny")))
     summary["peak_flops_runs"] = peak_runs
     summary["peak_flops_max_over_first"] = round(max(peak_runs) / peak_runs[0], 4)
     # The conservative figure: MFU against the higher of the two peaks.
