@@ -47,6 +47,8 @@ from prefjax.ops import _chunks
 
 
 IMPLEMENTATIONS = ("custom_vjp", "saved_logits", "checkpoint")
+# "saved_logits" unrolls its chunk loop; longer chunks keep it at most this many.
+SAVED_LOGITS_MAX_CHUNKS = 16
 
 
 def token_logps_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -143,7 +145,7 @@ def token_logps_from_hidden(
                            vocab_chunk_size, implementation, where_groups)
     return out.reshape(lead + (t.shape[1],))
   seq_len = h.shape[1]
-  c = _chunks.chunk_len(seq_len, chunk_size)
+  c = _chunk_len(seq_len, chunk_size, implementation)
   h_chunks = _chunks.to_chunks(h, c)  # [n, N, C, D]
   t_chunks = _chunks.to_chunks(t, c)  # [n, N, C]
   out = _scan_logps(h_chunks, w, t_chunks, None, cap, vocab_chunk_size, implementation)
@@ -167,7 +169,7 @@ def _compacted_logps(h, w, t, where, chunk_size, cap, vblock, implementation, gr
   order = jnp.argsort(jnp.logical_not(w_g), axis=1, stable=True)  # needed positions first
   h_s = jnp.take_along_axis(h_g, order[..., None], axis=1)
   t_s = jnp.take_along_axis(t_g, order, axis=1)
-  c = _chunks.chunk_len(m, chunk_size)
+  c = _chunk_len(m, chunk_size, implementation)
   h_chunks, t_chunks = _chunks.to_chunks(h_s, c), _chunks.to_chunks(t_s, c)  # [n, G, C, ...]
   most = jnp.max(jnp.sum(w_g, axis=1, dtype=jnp.int32))
   active = jnp.arange(h_chunks.shape[0], dtype=jnp.int32) * c < most
@@ -175,6 +177,15 @@ def _compacted_logps(h, w, t, where, chunk_size, cap, vblock, implementation, gr
   lp_s = _chunks.from_chunks(out, m)  # [G, M] in sorted order
   lp = jnp.take_along_axis(lp_s, jnp.argsort(order, axis=1), axis=1)
   return jnp.where(w_g, lp, 0.0).reshape(n_rows, seq_len)
+
+
+def _chunk_len(seq_len: int, chunk_size: int, implementation: str) -> int:
+  """Positions per chunk: `chunk_size`, lengthened for "saved_logits" so that its unrolled
+  loop has at most `SAVED_LOGITS_MAX_CHUNKS` chunks."""
+  c = _chunks.chunk_len(seq_len, chunk_size)
+  if implementation == "saved_logits":
+    c = max(c, -(-seq_len // SAVED_LOGITS_MAX_CHUNKS))
+  return c
 
 
 def _scan_logps(h_chunks, w, t_chunks, active, cap, vblock, implementation):
@@ -282,7 +293,7 @@ def _logps_bwd(cap, vblock, res, g):
 
   With the forward logsumexp saved, each (T chunk, vocabulary block) is
   independent: recompute its logits, form d logits, add `d logits @ W_block` to
-  d hidden and write `d logits^T @ hidden` into rows [lo, hi) of d W in place.
+  d hidden and add `hidden^T @ d logits` into columns [lo, hi) of d W^T in place.
   """
   h_chunks, w, t_chunks, active, lse = res
 
@@ -310,18 +321,18 @@ def _logps_bwd(cap, vblock, res, g):
         dz = dz * (1.0 - th * th)  # d(c tanh(x/c))/dx
       dz = dz.astype(w.dtype)
       dh_c = dh_c + jnp.einsum("NCV,VD->NCD", dz, w_b, preferred_element_type=jnp.float32)
-      dw_b = jnp.einsum("NCV,NCD->VD", dz, h_c, preferred_element_type=jnp.float32)
-      rows = jax.lax.dynamic_slice_in_dim(dw, lo, w_b.shape[0], axis=0)
-      dw = jax.lax.dynamic_update_slice_in_dim(dw, rows + dw_b, lo, axis=0)
+      dw_b = jnp.einsum("NCD,NCV->DV", h_c, dz, preferred_element_type=jnp.float32)
+      cols = jax.lax.dynamic_slice_in_dim(dw, lo, w_b.shape[0], axis=1)
+      dw = jax.lax.dynamic_update_slice_in_dim(dw, cols + dw_b, lo, axis=1)
       return dw, dh_c
 
     dw, dh_c = _fold_vocab_blocks(block, (dw, jnp.zeros(h_c.shape, jnp.float32)), w, vblock)
     return dw, dh_c.astype(h_c.dtype)
 
-  dw0 = jnp.zeros(w.shape, jnp.float32)
+  dw0 = jnp.zeros(w.shape[::-1], jnp.float32)  # d W^T [D, V]: see `_saved_bwd`
   g = g.astype(jnp.float32)
-  dw, dh = jax.lax.scan(body, dw0, (h_chunks, t_chunks, lse, g, active))
-  return dh, dw.astype(w.dtype), None, None
+  dwt, dh = jax.lax.scan(body, dw0, (h_chunks, t_chunks, lse, g, active))
+  return dh, dwt.T.astype(w.dtype), None, None
 
 
 _scan_logps_custom_vjp.defvjp(_logps_fwd, _logps_bwd)
@@ -332,8 +343,14 @@ def _scan_logps_saved_logits(h_chunks, w, t_chunks, active, cap):
   """As `_scan_logps_custom_vjp`, keeping every chunk's logits for the backward pass.
 
   [n, N, C, D], [V, D], [n, N, C], bool [n] or None -> float32 [n, N, C] log-probs; the
-  residual holds float32 [n, N, C, V] (soft-capped) logits, so the backward pass is d hidden
-  = d z @ W and d W = d z^T @ hidden per chunk with no LM-head recomputation."""
+  residuals are the n float32 [N, C, V] (soft-capped) logits, so the backward pass is
+  d hidden = d z @ W and d W = d z^T @ hidden per chunk with no LM-head recomputation.
+
+  The chunks are a Python loop (n is small: `token_logps_from_hidden` caps it at
+  `SAVED_LOGITS_MAX_CHUNKS`), not a `lax.scan`: a scan would stack the logits into one
+  [n, N, C, V] loop buffer, which XLA:CPU zero-fills and writes chunk by chunk (about 4%
+  of a T = 2048 train step in the profile, docs/performance.md), where separate chunks
+  are written once by their matmul."""
   return _saved_fwd(h_chunks, w, t_chunks, active, cap)[0]
 
 
@@ -342,24 +359,32 @@ def _saved_fwd(h_chunks, w, t_chunks, active, cap):
     z = _chunks.chunk_logits(h_c, w, cap)  # [N, C, V] float32
     return _chunk_logps_from_logits(z, t_c) + (z,)
 
-  def body(carry, xs):
-    h_c, t_c, on = xs
-    if on is None:
-      return carry, chunk(h_c, t_c)
+  def skipped(t_c):
     zeros = jnp.zeros(t_c.shape, jnp.float32)
-    z0 = jnp.zeros(t_c.shape + (w.shape[0],), jnp.float32)
-    return carry, jax.lax.cond(on, lambda: chunk(h_c, t_c), lambda: (zeros, zeros, z0))
+    return zeros, zeros, jnp.zeros(t_c.shape + (w.shape[0],), jnp.float32)
 
-  _, (logp, lse, z) = jax.lax.scan(body, None, (h_chunks, t_chunks, active))
-  return logp, (h_chunks, w, t_chunks, active, lse, z)
+  logps, lses, zs = [], [], []
+  for i in range(h_chunks.shape[0]):
+    h_c, t_c = h_chunks[i], t_chunks[i]
+    if active is None:
+      logp, lse, z = chunk(h_c, t_c)
+    else:
+      logp, lse, z = jax.lax.cond(active[i], chunk, lambda h_c, t_c: skipped(t_c), h_c, t_c)
+    logps.append(logp)
+    lses.append(lse)
+    zs.append(z)
+  return jnp.stack(logps), (h_chunks, w, t_chunks, active, jnp.stack(lses), tuple(zs))
 
 
 def _saved_bwd(cap, res, g):
   """d z = g * (onehot(target) - softmax(z)) (times 1 - tanh² under soft-capping, with
-  tanh = z / c read off the saved capped logits), then both matmuls per chunk."""
-  h_chunks, w, t_chunks, active, lse, z_all = res
+  tanh = z / c read off the saved capped logits), then both matmuls per chunk; d W is
+  accumulated transposed ([D, V] += hidden^T @ d z, which XLA:CPU runs without
+  transposing the [C, V] d z) and transposed once at the end."""
+  h_chunks, w, t_chunks, active, lse, zs = res
+  g = g.astype(jnp.float32)
 
-  def chunk(dw, h_c, t_c, lse_c, g_c, z):
+  def chunk(dwt, h_c, t_c, lse_c, g_c, z):
     p = jnp.exp(z - lse_c[..., None])
     onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
     dz = g_c[..., None] * (onehot.astype(jnp.float32) - p)
@@ -368,19 +393,20 @@ def _saved_bwd(cap, res, g):
       dz = dz * (1.0 - th * th)
     dz = dz.astype(w.dtype)
     dh_c = jnp.einsum("NCV,VD->NCD", dz, w, preferred_element_type=jnp.float32)
-    dw = dw + jnp.einsum("NCV,NCD->VD", dz, h_c, preferred_element_type=jnp.float32)
-    return dw, dh_c.astype(h_c.dtype)
+    dwt = dwt + jnp.einsum("NCD,NCV->DV", h_c, dz, preferred_element_type=jnp.float32)
+    return dwt, dh_c.astype(h_c.dtype)
 
-  def body(dw, xs):
-    h_c, t_c, lse_c, g_c, z, on = xs
-    if on is None:
-      return chunk(dw, h_c, t_c, lse_c, g_c, z)
-    skip = lambda dw: (dw, jnp.zeros(h_c.shape, h_c.dtype))  # noqa: E731
-    return jax.lax.cond(on, lambda dw: chunk(dw, h_c, t_c, lse_c, g_c, z), skip, dw)
-
-  dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32),
-                        (h_chunks, t_chunks, lse, g.astype(jnp.float32), z_all, active))
-  return dh, dw.astype(w.dtype), None, None
+  dwt = jnp.zeros(w.shape[::-1], jnp.float32)
+  dhs = []
+  for i, z in enumerate(zs):
+    args = (h_chunks[i], t_chunks[i], lse[i], g[i], z)
+    if active is None:
+      dwt, dh_c = chunk(dwt, *args)
+    else:
+      skip = lambda dwt, h_c, *_: (dwt, jnp.zeros(h_c.shape, h_c.dtype))  # noqa: E731
+      dwt, dh_c = jax.lax.cond(active[i], chunk, skip, dwt, *args)
+    dhs.append(dh_c)
+  return jnp.stack(dhs), dwt.T.astype(w.dtype), None, None
 
 
 _scan_logps_saved_logits.defvjp(_saved_fwd, _saved_bwd)
