@@ -74,6 +74,8 @@ def main(argv=None) -> int:
   p.add_argument("--logps-implementation", default=None,
                  help="config.train.logps_implementation of every point (saved_logits: no "
                       "LM-head recomputation in the backward pass)")
+  p.add_argument("--peak-between-steps", action="store_true",
+                 help="train_step.py --peak-between-steps at every point (adds `mfu_adjacent`)")
   a = p.parse_args(argv)
   peak_runs = []
   if a.peak_flops is None:
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     extra += ["--attention-query-block", str(a.attention_query_block)]
   if a.logps_implementation:
     extra += ["--logps-implementation", a.logps_implementation]
+  if a.peak_between_steps:
+    extra.append("--peak-between-steps")
   common += extra
   summary: dict = {"summary": True, "preset": a.preset, "peak_flops": a.peak_flops}
   sweeps = a.sweeps.split(",")
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
       print(json.dumps(r), flush=True)
       rows.append(r)
     summary["seq"] = {r["seq_len"]: {k: r.get(k) for k in (
-        "step_s", "step_s_min", "real_tokens_per_s", "mfu", "mfu_dense", "peak_rss_gib")}
+        "step_s", "step_s_min", "real_tokens_per_s", "mfu", "mfu_dense", "mfu_adjacent",
+        "peak_rss_gib")}
                       for r in rows}
   if "batch" in sweeps:
     rows = []

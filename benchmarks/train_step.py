@@ -6,7 +6,9 @@ jitted step the trainer uses (`prefjax.train.step.jit_train_step`) on synthetic 
 shaped like real preference data (prompt P tokens, responses of random length in [Rmin, Rmax]),
 and prints one JSON object per configuration. Times are medians of `--steps` timed steps
 after `--warmup` steps. MFU = model FLOPs / step time / float32 peak, the peak measured by
-benchmarks/peak.py in this process before the model is built unless `--peak-flops` is given.
+benchmarks/peak.py in this process before the model is built unless `--peak-flops` is given;
+with `--peak-between-steps`, `mfu_adjacent` is each step's MFU against the mean of the peaks
+measured right before and after it (median over steps), the steadier figure on a shared VM.
 Model FLOPs count the matmuls of a causal decoder (PaLM's MFU, Chowdhery et al. 2022, App. B,
 with the causal half of the attention): 6·N per token for a trained forward+backward (N =
 non-embedding parameters plus the tied LM head, the head counted only at the positions whose
@@ -175,13 +177,17 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = fn.lower(st, gb).compile()
     compile_s = time.perf_counter() - t0
-    times = []
+    times, peaks = [], []
     for i in range(0 if args.compile_only else args.warmup + args.steps):
+      if args.peak_between_steps and i == args.warmup:
+        peaks.append(_quick_peak())
       t0 = time.perf_counter()
       st, m = compiled(st, gb)
       jax.block_until_ready(m["loss"])
       if i >= args.warmup:
         times.append(time.perf_counter() - t0)
+        if args.peak_between_steps:
+          peaks.append(_quick_peak())
     if args.profile_dir and not args.compile_only:
       # One more step, traced (jax.profiler, Perfetto JSON) and not among the timed ones.
       jax.profiler.start_trace(args.profile_dir, create_perfetto_trace=True)
@@ -202,6 +208,12 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   head = dict(head_params=cfg.vocab_size * cfg.embed_dim, head_tokens=head_tokens)
   flops = model_flops(n_params, real, ref_mode, attn_fwd, **head)
   dense = model_flops(n_params, real, ref_mode)
+  adjacent = {}
+  if peaks:  # each step against the mean of the peaks measured just before and after it
+    per_step = [flops / t / ((peaks[j] + peaks[j + 1]) / 2) for j, t in enumerate(times)]
+    adjacent = {"mfu_adjacent": round(statistics.median(per_step), 4),
+                "mfu_adjacent_range": [round(min(per_step), 4), round(max(per_step), 4)],
+                "peak_flops_adjacent": [round(x) for x in peaks]}
   return {"preset": args.preset, "task": name, "layout": layout, "dtype": args.dtype,
           "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
           "padded_tokens": int(batch["tokens"].size), "real_tokens": real,
@@ -219,7 +231,13 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
           "attention_causal_block": cfg.attention_causal_block,
           "attention_query_block": cfg.attention_query_block,
           "xla_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **adjacent}
+
+
+def _quick_peak() -> float:
+  """float32 peak FLOP/s right now (best of 3 [2048, 2048] matmuls, about half a second)."""
+  import peak  # pylint: disable=g-import-not-at-top  (benchmarks/peak.py)
+  return peak.measure_matmul(2048, "float32", repeats=3)
 
 
 def main(argv=None) -> int:
@@ -252,6 +270,10 @@ def main(argv=None) -> int:
   p.add_argument("--logps-implementation", default=None,
                  choices=["custom_vjp", "saved_logits", "checkpoint"],
                  help="config.train.logps_implementation (default: the ops default, custom_vjp)")
+  p.add_argument("--peak-between-steps", action="store_true",
+                 help="also measure the matmul peak before and after every timed step and "
+                      "report `mfu_adjacent`, each step against the peaks around it (for a "
+                      "shared machine whose peak drifts within minutes)")
   p.add_argument("--profile-dir", default=None,
                  help="trace the last timed step with jax.profiler into this directory "
                       "(summarise with benchmarks/profile_summary.py)")

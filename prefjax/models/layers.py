@@ -228,6 +228,11 @@ def blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.A
   return out[:, :t]
 
 
+def _block_spans(t: int, block: int, offset: int) -> list[tuple[int, int, int]]:
+  """(first query row, end query row, key count) of each causal block of `block` rows."""
+  return [(lo, min(lo + block, t), offset + min(lo + block, t)) for lo in range(0, t, block)]
+
+
 def causal_blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
                              softcap: float | None, block: int, remat_block: int = 0,
                              offset: int = 0) -> jax.Array:
@@ -243,40 +248,106 @@ def causal_blocked_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask
   block-skipping idea of FlashAttention (Dao et al. 2022, arXiv:2205.14135, Sec. 3.1) at the
   granularity of XLA ops.
 
-  With `remat_block` > 0 and T > `remat_block`, the queries are first split into groups of
-  `remat_block` slots whose attention is rematerialised in the backward pass (each group's
-  scores exist only while it runs; Rabe & Staats 2021), and each group is split causally as above.
+  With `remat_block` > 0 and T > `remat_block`, no block keeps its probabilities for the
+  backward pass (`causal_flash_attention`: the output and each row's logsumexp are saved, and
+  each block's probabilities are recomputed from them), so the [B, T, K, G, S] scores never
+  exist whole; otherwise each block is an `attend`, which saves its probabilities.
 
   Args:
     qg: [B, T, K, G, H] queries of slots offset .. offset + T - 1.
     key, val: [B, S, K, H] keys and values of slots 0 .. S - 1 (S >= offset + T).
     mask: [B, T, S] bool, causal in slot order.
     block: query slots per causal block (> 0).
-    remat_block: query slots per rematerialised group (0: no rematerialisation).
+    remat_block: above this many query slots, recompute the probabilities in the backward
+      pass (0: never).
     offset: slot index of the first query row.
   Returns:
     [B, T, K, G, H].
   """
   t = qg.shape[1]
   if remat_block and t > remat_block:
-    def group_fn(q_g, k_g, v_g, m_g, group_offset):
-      return causal_blocked_attention(q_g, k_g, v_g, m_g, softcap, block, offset=group_offset)
-
-    group = jax.checkpoint(group_fn, static_argnums=(4,))
-    outs = []
-    for start in range(0, t, remat_block):
-      end = min(start + remat_block, t)
-      k_end = offset + end
-      outs.append(group(qg[:, start:end], key[:, :k_end], val[:, :k_end],
-                        mask[:, start:end, :k_end], offset + start))
-    return jnp.concatenate(outs, axis=1)
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    k_end = offset + end
-    outs.append(attend(qg[:, start:end], key[:, :k_end], val[:, :k_end],
-                       mask[:, start:end, :k_end], softcap))
+    return causal_flash_attention(qg, key, val, mask, softcap, block, offset)
+  outs = [attend(qg[:, lo:hi], key[:, :s], val[:, :s], mask[:, lo:hi, :s], softcap)
+          for lo, hi, s in _block_spans(t, block, offset)]
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def causal_flash_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
+                           softcap: float | None, block: int, offset: int = 0) -> jax.Array:
+  """`causal_blocked_attention` whose backward pass recomputes probabilities from logsumexps.
+
+  The forward pass of each causal block computes its masked scores, m = rowmax, l = rowsum
+  exp(s - m), the output (exp(s - m) @ V) / l, and saves only the output and
+  lse = m + log l per query row. The backward pass recomputes each block's scores once,
+  P = exp(s - lse) (no max or sum over keys), and forms dV = P^T dO, dP = dO V^T,
+  dS = P * (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q: FlashAttention-2's backward
+  (Dao 2023, arXiv:2307.08691, Alg. 2) with whole causal blocks for tiles. Against
+  rematerialising `attend` (`jax.checkpoint`), it skips recomputing P @ V and the two
+  reductions of the softmax; against saving the probabilities, it holds O(T·H) residuals
+  instead of O(T·S).
+
+  Args and result as `causal_blocked_attention` (every block recomputed).
+  """
+  return _flash_fwd(qg, key, val, mask, softcap, block, offset)[0]
+
+
+def _masked_scores(q, k, mask_b, g, softcap):
+  """kv-major q [B,K,M,H], k [B,K,S,H], mask [B,T,S] -> float32 scores with masked keys at
+  K_MASK, and tanh(s / c) (None without soft-capping)."""
+  logits, th = _attention_scores(q, k, softcap)
+  return jnp.where(_kv_major_mask(mask_b, g), logits, K_MASK), th
+
+
+def _flash_fwd(qg, key, val, mask, softcap, block, offset):
+  t, g = qg.shape[1], qg.shape[3]
+  q, k, v = _to_kv_major(qg, key, val)
+  outs, lses = [], []
+  for lo, hi, s in _block_spans(t, block, offset):
+    scores, _ = _masked_scores(q[:, :, lo * g:hi * g], k[:, :, :s], mask[:, lo:hi, :s], g,
+                               softcap)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("BKMS,BKSH->BKMH", e.astype(v.dtype), v[:, :, :s],
+                   preferred_element_type=jnp.float32) / l
+    outs.append(o.astype(v.dtype))
+    lses.append(m + jnp.log(l))  # [B, K, M, 1]
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return _from_kv_major(out, t, g), (q, k, v, mask, out, lses)
+
+
+def _flash_bwd(softcap, block, offset, res, d_out):
+  q, k, v, mask, out, lses = res
+  b, t, kh, g, h = d_out.shape
+  do = jnp.transpose(d_out, (0, 2, 1, 3, 4)).reshape(b, kh, t * g, h)
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_k = jnp.zeros(k.shape, jnp.float32)
+  d_v = jnp.zeros(v.shape, jnp.float32)
+  d_qs = []
+  for (lo, hi, s), lse in zip(_block_spans(t, block, offset), lses):
+    rows = slice(lo * g, hi * g)
+    q_b, k_b, v_b, do_b = q[:, :, rows], k[:, :, :s], v[:, :, :s], do[:, :, rows]
+    scores, th = _masked_scores(q_b, k_b, mask[:, lo:hi, :s], g, softcap)
+    p = jnp.exp(scores - lse)  # 0 at masked keys of any row that sees a key
+    d_v_b = jnp.einsum("BKMS,BKMH->BKSH", p.astype(do.dtype), do_b,
+                       preferred_element_type=jnp.float32)
+    d_p = jnp.einsum("BKMH,BKSH->BKMS", do_b, v_b, preferred_element_type=jnp.float32)
+    d_s = p * (d_p - delta[:, :, rows])
+    if softcap is not None:
+      d_s = d_s * (1.0 - th * th)
+    d_s = jnp.where(_kv_major_mask(mask[:, lo:hi, :s], g), d_s, 0.0).astype(q.dtype)
+    d_qs.append(jnp.einsum("BKMS,BKSH->BKMH", d_s, k_b))
+    d_k_b = jnp.einsum("BKMS,BKMH->BKSH", d_s, q_b, preferred_element_type=jnp.float32)
+    d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k[:, :, :s] + d_k_b, 0, axis=2)
+    d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v[:, :, :s] + d_v_b, 0, axis=2)
+  d_q = d_qs[0] if len(d_qs) == 1 else jnp.concatenate(d_qs, axis=2)
+  back = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  [B,K,S,H] -> [B,S,K,H]
+  return (_from_kv_major(d_q, t, g), back(d_k).astype(k.dtype), back(d_v).astype(v.dtype),
+          None)
+
+
+causal_flash_attention.defvjp(_flash_fwd, _flash_bwd)
 
 
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
