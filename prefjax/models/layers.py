@@ -119,6 +119,14 @@ def _attention_scores(q: jax.Array, key: jax.Array, softcap: float | None
   return th * softcap, th
 
 
+def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[..., M, H] x2 -> float32 [..., M, 1] row-wise dot products (rowsum(dO * O)).
+
+  An einsum, not `sum(a * b, -1)`: XLA:CPU ran the multiply-reduce over H = 64 at a
+  twentieth of the speed of the equivalent batched dot (32 vs 1.5 ms at [2, 1, 32768, 64])."""
+  return jnp.einsum("...H,...H->...", a, b, preferred_element_type=jnp.float32)[..., None]
+
+
 def _kv_major_mask(mask: jax.Array, g: int) -> jax.Array:
   """[B,T,S] -> [B,1,T*G,S] (each query row repeated for the G heads sharing a KV head)."""
   b, t, s = mask.shape
@@ -174,7 +182,7 @@ def _attend_bwd(softcap, res, d_out):
   do = jnp.transpose(d_out, (0, 2, 1, 3, 4)).reshape(b, kh, t * g, h)
   d_v = jnp.einsum("BKMS,BKMH->BKSH", probs.astype(do.dtype), do)
   d_probs = jnp.einsum("BKMH,BKSH->BKMS", do, v, preferred_element_type=jnp.float32)
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = _row_dot(do, out)
   d_logits = probs * (d_probs - delta)
   if softcap is not None:
     _, th = _attention_scores(q, k, softcap)  # recomputed rather than saved
@@ -321,7 +329,7 @@ def _flash_bwd(softcap, block, offset, res, d_out):
   q, k, v, mask, out, lses = res
   b, t, kh, g, h = d_out.shape
   do = jnp.transpose(d_out, (0, 2, 1, 3, 4)).reshape(b, kh, t * g, h)
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = _row_dot(do, out)
   d_k = jnp.zeros(k.shape, jnp.float32)
   d_v = jnp.zeros(v.shape, jnp.float32)
   d_qs = []
