@@ -235,9 +235,9 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
 
 
 def _quick_peak() -> float:
-  """float32 peak FLOP/s right now (best of 3 [2048, 2048] matmuls, about half a second)."""
+  """float32 peak FLOP/s right now (best of 5 [2048, 2048] matmuls, under a second)."""
   import peak  # pylint: disable=g-import-not-at-top  (benchmarks/peak.py)
-  return peak.measure_matmul(2048, "float32", repeats=3)
+  return peak.measure_matmul(2048, "float32", repeats=5)
 
 
 def main(argv=None) -> int:
