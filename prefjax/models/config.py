@@ -68,8 +68,10 @@ class ModelConfig:
   remat: str = "none"  # none | full | save_dots
   scan_layers: bool = False  # nn.scan over repeats of `attention_pattern`
   attention_impl: str = "xla"
-  # Queries longer than this are attended in blocks of this many, each block rematerialised
-  # in the backward pass, so the f32 [B, T, N, S] scores never exist whole (0: never).
+  # Queries longer than this keep no attention probabilities for the backward pass: causal
+  # self-attention saves its output and logsumexps and recomputes each block's probabilities
+  # (FlashAttention-2's backward); other attention is attended in query blocks of this many,
+  # each rematerialised. Either way the f32 [B, T, N, S] scores never exist whole (0: never).
   attention_query_block: int = 1024
   # Self-attention without a KV cache splits its queries into blocks of this many slots, each
   # attending only to the keys up to its last slot (exact under the causal mask; about half the
