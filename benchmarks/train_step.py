@@ -218,7 +218,7 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
           "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
           "padded_tokens": int(batch["tokens"].size), "real_tokens": real,
           "params": n_params, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
-          "step_s_min": round(min(times), 4), "real_tokens_per_s": round(real / step_s, 1),
+          "step_s_min": round(min(times), 4), "step_times_s": [round(t, 4) for t in times], "real_tokens_per_s": round(real / step_s, 1),
           "model_tflops_per_step": round(flops / 1e12, 4),
           "mfu": round(flops / step_s / args.peak_flops, 4),
           "mfu_dense": round(dense / step_s / args.peak_flops, 4),

@@ -23,8 +23,11 @@ def _load(name: str):
   return mod
 
 
-def _run(args: list[str], timeout: float) -> dict:
+def _run(args: list[str], timeout: float, one_device: bool = False) -> dict:
   env = dict(os.environ, PYTHONPATH=str(ROOT))
+  if one_device:  # drop conftest's 8 fake host devices (train_step.py --tiny runs 4 pairs)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
   out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -128,6 +131,19 @@ def test_scaling_tiny_sweeps_print_json():
   assert s["summary"] and set(s["seq"]) == {"96"}
   assert s["seq"]["96"]["step_s"] > 0 and s["seq"]["96"]["real_tokens_per_s"] > 0
   assert set(s["compile_s"]) == {"2", "2_scan"} and all(v > 0 for v in s["compile_s"].values())
+
+
+def test_train_step_mfu_against_the_peaks_around_each_step():
+  """--peak-between-steps: each step's MFU is its FLOPs / its time / the mean of the two peaks
+  measured around it (`mfu` rescaled from the start peak); `mfu_adjacent` is their median."""
+  r = _run([str(BENCH / "train_step.py"), "--tiny", "--tasks", "simpo", "--layouts", "padded",
+            "--peak-between-steps"], timeout=600, one_device=True)
+  times, peaks = r["step_times_s"], r["peak_flops_adjacent"]
+  assert len(times) == 2 and len(peaks) == 3 and all(p > 0 for p in peaks)
+  flops = r["mfu"] * r["peak_flops"] * r["step_s"]
+  per_step = [flops / t / ((peaks[j] + peaks[j + 1]) / 2) for j, t in enumerate(times)]
+  np.testing.assert_allclose(r["mfu_adjacent"], np.median(per_step), rtol=0.02)
+  np.testing.assert_allclose(r["mfu_adjacent_range"], [min(per_step), max(per_step)], rtol=0.02)
 
 
 def _needs_hf_checkpoints():
