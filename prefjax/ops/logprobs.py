@@ -96,7 +96,9 @@ def token_logps_from_hidden(
     unembedding: [V, D] output embedding (Gemma ties it to the input embedding).
     targets: [B, T] integer next-token ids in [0, V).
     chunk_size: C, positions per chunk. T need not be a multiple of C (padded
-      internally). With "checkpoint", scratch is ~2 float32 [B, C, V] blocks.
+      internally). With "checkpoint", scratch is ~2 float32 [B, C, V] blocks. With
+      "saved_logits", C is lengthened where needed to keep at most
+      `SAVED_LOGITS_MAX_CHUNKS` chunks (its chunk loop is unrolled).
     logit_softcap: Gemma 2 final-logit cap (30.0 for Gemma 2), or None.
     compute_dtype: dtype for the matmul operands (e.g. jnp.bfloat16 on TPU);
       default: the promoted dtype of `hidden` and `unembedding`. Accumulation
