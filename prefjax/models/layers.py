@@ -133,14 +133,30 @@ def _kv_major_mask(mask: jax.Array, g: int) -> jax.Array:
   return jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
 
 
+def _masked_scores(q, k, mask_b, g, softcap):
+  """kv-major q [B,K,M,H], k [B,K,S,H], mask [B,T,S] -> float32 scores with masked keys at
+  K_MASK, and tanh(s / c) (None without soft-capping)."""
+  logits, th = _attention_scores(q, k, softcap)
+  return jnp.where(_kv_major_mask(mask_b, g), logits, K_MASK), th
+
+
 def _to_kv_major(qg: jax.Array, key: jax.Array, val: jax.Array):
   """[B,T,K,G,H], [B,S,K,H] x2 -> [B,K,T*G,H], [B,K,S,H] x2.
 
   In this layout every attention matmul is a plain batched GEMM over (B, K) with the T*G
   query rows contiguous, and the big [B,K,M,S] tensors are never transposed."""
-  b, t, k, g, h = qg.shape
-  q = jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(b, k, t * g, h)
-  return q, jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(val, (0, 2, 1, 3))
+  return _q_to_kv_major(qg), _swap_length_heads(key), _swap_length_heads(val)
+
+
+def _q_to_kv_major(x: jax.Array) -> jax.Array:
+  """[B,T,K,G,H] -> [B,K,T*G,H] (queries, or their cotangents)."""
+  b, t, k, g, h = x.shape
+  return jnp.transpose(x, (0, 2, 1, 3, 4)).reshape(b, k, t * g, h)
+
+
+def _swap_length_heads(x: jax.Array) -> jax.Array:
+  """[B,S,K,H] <-> [B,K,S,H] (keys, values and their gradients)."""
+  return jnp.transpose(x, (0, 2, 1, 3))
 
 
 def _from_kv_major(x: jax.Array, t: int, g: int) -> jax.Array:
@@ -170,16 +186,16 @@ def attend(qg: jax.Array, key: jax.Array, val: jax.Array, mask: jax.Array,
 def _attend_fwd(qg, key, val, mask, softcap):
   t, g = qg.shape[1], qg.shape[3]
   q, k, v = _to_kv_major(qg, key, val)
-  logits, _ = _attention_scores(q, k, softcap)
-  probs = jax.nn.softmax(jnp.where(_kv_major_mask(mask, g), logits, K_MASK), axis=-1)
+  scores, _ = _masked_scores(q, k, mask, g, softcap)
+  probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("BKMS,BKSH->BKMH", probs.astype(v.dtype), v)
   return _from_kv_major(out, t, g), (q, k, v, mask, probs, out)
 
 
 def _attend_bwd(softcap, res, d_out):
   q, k, v, mask, probs, out = res
-  b, t, kh, g, h = d_out.shape
-  do = jnp.transpose(d_out, (0, 2, 1, 3, 4)).reshape(b, kh, t * g, h)
+  t, g = d_out.shape[1], d_out.shape[3]
+  do = _q_to_kv_major(d_out)
   d_v = jnp.einsum("BKMS,BKMH->BKSH", probs.astype(do.dtype), do)
   d_probs = jnp.einsum("BKMH,BKSH->BKMS", do, v, preferred_element_type=jnp.float32)
   delta = _row_dot(do, out)
@@ -190,8 +206,7 @@ def _attend_bwd(softcap, res, d_out):
   d_logits = jnp.where(_kv_major_mask(mask, g), d_logits, 0.0).astype(q.dtype)
   d_q = jnp.einsum("BKMS,BKSH->BKMH", d_logits, k)
   d_k = jnp.einsum("BKMS,BKMH->BKSH", d_logits, q)
-  back = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  [B,K,S,H] -> [B,S,K,H]
-  return _from_kv_major(d_q, t, g), back(d_k), back(d_v), None
+  return _from_kv_major(d_q, t, g), _swap_length_heads(d_k), _swap_length_heads(d_v), None
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
@@ -300,13 +315,6 @@ def causal_flash_attention(qg: jax.Array, key: jax.Array, val: jax.Array, mask: 
   return _flash_fwd(qg, key, val, mask, softcap, block, offset)[0]
 
 
-def _masked_scores(q, k, mask_b, g, softcap):
-  """kv-major q [B,K,M,H], k [B,K,S,H], mask [B,T,S] -> float32 scores with masked keys at
-  K_MASK, and tanh(s / c) (None without soft-capping)."""
-  logits, th = _attention_scores(q, k, softcap)
-  return jnp.where(_kv_major_mask(mask_b, g), logits, K_MASK), th
-
-
 def _flash_fwd(qg, key, val, mask, softcap, block, offset):
   t, g = qg.shape[1], qg.shape[3]
   q, k, v = _to_kv_major(qg, key, val)
@@ -327,8 +335,8 @@ def _flash_fwd(qg, key, val, mask, softcap, block, offset):
 
 def _flash_bwd(softcap, block, offset, res, d_out):
   q, k, v, mask, out, lses = res
-  b, t, kh, g, h = d_out.shape
-  do = jnp.transpose(d_out, (0, 2, 1, 3, 4)).reshape(b, kh, t * g, h)
+  t, g = d_out.shape[1], d_out.shape[3]
+  do = _q_to_kv_major(d_out)
   delta = _row_dot(do, out)
   d_k = jnp.zeros(k.shape, jnp.float32)
   d_v = jnp.zeros(v.shape, jnp.float32)
@@ -350,9 +358,8 @@ def _flash_bwd(softcap, block, offset, res, d_out):
     d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k[:, :, :s] + d_k_b, 0, axis=2)
     d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v[:, :, :s] + d_v_b, 0, axis=2)
   d_q = d_qs[0] if len(d_qs) == 1 else jnp.concatenate(d_qs, axis=2)
-  back = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  [B,K,S,H] -> [B,S,K,H]
-  return (_from_kv_major(d_q, t, g), back(d_k).astype(k.dtype), back(d_v).astype(v.dtype),
-          None)
+  return (_from_kv_major(d_q, t, g), _swap_length_heads(d_k).astype(k.dtype),
+          _swap_length_heads(d_v).astype(v.dtype), None)
 
 
 causal_flash_attention.defvjp(_flash_fwd, _flash_bwd)
