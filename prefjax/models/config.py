@@ -72,7 +72,10 @@ class ModelConfig:
   # self-attention saves its output and logsumexps and recomputes each block's probabilities
   # (FlashAttention-2's backward); other attention is attended in query blocks of this many,
   # each rematerialised. Either way the f32 [B, T, N, S] scores never exist whole (0: never).
-  attention_query_block: int = 1024
+  # 256: with scanned layers, T = 512 / 1024 steps ran 7% / 12% faster than saving the
+  # probabilities (the scan stacks them per layer) and T = 256 ran 26% slower; unrolled layers
+  # ran as fast either way (docs/performance.md, round 7).
+  attention_query_block: int = 256
   # Self-attention without a KV cache splits its queries into blocks of this many slots, each
   # attending only to the keys up to its last slot (exact under the causal mask; about half the
   # score work at long lengths; 0: every query sees all S keys).
