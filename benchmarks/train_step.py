@@ -134,6 +134,12 @@ def model_flops(n_params: int, tokens: int, task_ref: str, attn_fwd: float = 0.0
   return (4.0 if task_ref == "model" else 3.0) * fwd
 
 
+def _sig(x: float, digits: int = 6) -> float:
+  """x to `digits` significant digits (a fixed number of decimals would erase the small
+  step times and MFUs of --tiny runs)."""
+  return float(f"{x:.{digits}g}")
+
+
 def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -211,16 +217,17 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   adjacent = {}
   if peaks:  # each step against the mean of the peaks measured just before and after it
     per_step = [flops / t / ((peaks[j] + peaks[j + 1]) / 2) for j, t in enumerate(times)]
-    adjacent = {"mfu_adjacent": round(statistics.median(per_step), 4),
-                "mfu_adjacent_range": [round(min(per_step), 4), round(max(per_step), 4)],
+    adjacent = {"mfu_adjacent": _sig(statistics.median(per_step)),
+                "mfu_adjacent_range": [_sig(min(per_step)), _sig(max(per_step))],
                 "peak_flops_adjacent": [round(x) for x in peaks]}
   return {"preset": args.preset, "task": name, "layout": layout, "dtype": args.dtype,
           "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
           "padded_tokens": int(batch["tokens"].size), "real_tokens": real,
           "params": n_params, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
-          "step_s_min": round(min(times), 4), "step_times_s": [round(t, 4) for t in times], "real_tokens_per_s": round(real / step_s, 1),
-          "model_tflops_per_step": round(flops / 1e12, 4),
-          "mfu": round(flops / step_s / args.peak_flops, 4),
+          "step_s_min": round(min(times), 4), "step_times_s": [_sig(t) for t in times],
+          "real_tokens_per_s": round(real / step_s, 1),
+          "model_tflops_per_step": round(flops / 1e12, 4), "model_flops_per_step": flops,
+          "mfu": _sig(flops / step_s / args.peak_flops),
           "mfu_dense": round(dense / step_s / args.peak_flops, 4),
           "head_tokens": head_tokens,
           "peak_flops": args.peak_flops, "peak_measured_here": args.peak_measured_here,

@@ -140,7 +140,8 @@ def test_train_step_mfu_against_the_peaks_around_each_step():
             "--peak-between-steps"], timeout=600, one_device=True)
   times, peaks = r["step_times_s"], r["peak_flops_adjacent"]
   assert len(times) == 2 and len(peaks) == 3 and all(p > 0 for p in peaks)
-  flops = r["mfu"] * r["peak_flops"] * r["step_s"]
+  flops = r["model_flops_per_step"]
+  np.testing.assert_allclose(r["mfu"], flops / np.median(times) / r["peak_flops"], rtol=1e-4)
   per_step = [flops / t / ((peaks[j] + peaks[j + 1]) / 2) for j, t in enumerate(times)]
   np.testing.assert_allclose(r["mfu_adjacent"], np.median(per_step), rtol=0.02)
   np.testing.assert_allclose(r["mfu_adjacent_range"], [min(per_step), max(per_step)], rtol=0.02)
