@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prefjax.models.mixed_einsum import contract
+
 
 def _act(name: str):
   if name == "gelu":
@@ -57,10 +59,10 @@ def gated_mlp(x: jax.Array, w_gate: jax.Array, w_out: jax.Array, activation: str
 
 
 def _fwd(x, w_gate, w_out, activation, transposed, hidden_axes):
-  g0 = jnp.einsum("BTD,DF->BTF", x, _gate_w(w_gate, 0, transposed))
-  g1 = jnp.einsum("BTD,DF->BTF", x, _gate_w(w_gate, 1, transposed))
+  g0 = contract("BTD,DF->BTF", x, _gate_w(w_gate, 0, transposed))
+  g1 = contract("BTD,DF->BTF", x, _gate_w(w_gate, 1, transposed))
   hidden = _constrain(_act(activation)(g0) * g1, hidden_axes)
-  y = jnp.einsum("BTF,FD->BTD", hidden, w_out)
+  y = contract("BTF,FD->BTD", hidden, w_out)
   return y, (x, w_gate, w_out, g0, g1)
 
 
@@ -70,18 +72,19 @@ def _bwd(activation, transposed, hidden_axes, res, dy):
   a, act_vjp = jax.vjp(_act(activation), g0)
   hidden = a * g1
   dy2 = dy.reshape(-1, d)
-  d_out = jnp.einsum("MF,MD->FD", hidden.reshape(-1, f), dy2).astype(w_out.dtype)
-  dh = _constrain(jnp.einsum("BTD,FD->BTF", dy, w_out), hidden_axes)
+  d_out = contract("MF,MD->FD", hidden.reshape(-1, f), dy2, w_out.dtype)
+  dh = _constrain(contract("BTD,FD->BTF", dy, w_out), hidden_axes)
   dg1 = dh * a
   (dg0,) = act_vjp(dh * g1)
   x2 = x.reshape(-1, d)
   if transposed:  # [2, F, D]
-    dw = [jnp.einsum("MF,MD->FD", dg.reshape(-1, f), x2) for dg in (dg0, dg1)]
+    dw = [contract("MF,MD->FD", dg.reshape(-1, f), x2) for dg in (dg0, dg1)]
   else:           # [2, D, F]
-    dw = [jnp.einsum("MD,MF->DF", x2, dg.reshape(-1, f)) for dg in (dg0, dg1)]
+    dw = [contract("MD,MF->DF", x2, dg.reshape(-1, f)) for dg in (dg0, dg1)]
   d_gate = jnp.stack(dw).astype(w_gate.dtype)
-  dx = (jnp.einsum("BTF,DF->BTD", dg0, _gate_w(w_gate, 0, transposed))
-        + jnp.einsum("BTF,DF->BTD", dg1, _gate_w(w_gate, 1, transposed)))
+  acc = jnp.result_type(dg0, jnp.float32)  # the two halves of dx summed before rounding
+  dx = (contract("BTF,DF->BTD", dg0, _gate_w(w_gate, 0, transposed), acc)
+        + contract("BTF,DF->BTD", dg1, _gate_w(w_gate, 1, transposed), acc))
   return dx.astype(x.dtype), d_gate, d_out
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from prefjax.models.config import GLOBAL, LOCAL, ModelConfig, rope_inv_freq
 from prefjax.models.gated_mlp import gated_mlp
+from prefjax.models.mixed_einsum import contract, mixed_einsum
 
 # Large negative logit for masked keys (Gemma's K_MASK); finite so fully-masked rows stay finite.
 K_MASK = -2.3819763e38
@@ -65,7 +66,9 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
-  """A weight `w` of `shape` with logical `axes`, applied as `jnp.einsum(eqn, x, w)`."""
+  """A weight `w` of `shape` with logical `axes`, applied as `jnp.einsum(eqn, x, w)`.
+
+  Summed in float32 when `dtype` is lower (`mixed_einsum`, gradients included)."""
 
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
@@ -76,7 +79,7 @@ class Einsum(nn.Module):
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
     w = self.param("w", lp(normal_init(self.stddev), self.axes), self.shape, self.param_dtype)
-    return jnp.einsum(eqn, x, jnp.asarray(w, self.dtype))
+    return mixed_einsum(eqn, x, jnp.asarray(w, self.dtype))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
@@ -188,7 +191,7 @@ def _attend_fwd(qg, key, val, mask, softcap):
   q, k, v = _to_kv_major(qg, key, val)
   scores, _ = _masked_scores(q, k, mask, g, softcap)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("BKMS,BKSH->BKMH", probs.astype(v.dtype), v)
+  out = contract("BKMS,BKSH->BKMH", probs.astype(v.dtype), v)
   return _from_kv_major(out, t, g), (q, k, v, mask, probs, out)
 
 
@@ -196,7 +199,7 @@ def _attend_bwd(softcap, res, d_out):
   q, k, v, mask, probs, out = res
   t, g = d_out.shape[1], d_out.shape[3]
   do = _q_to_kv_major(d_out)
-  d_v = jnp.einsum("BKMS,BKMH->BKSH", probs.astype(do.dtype), do)
+  d_v = contract("BKMS,BKMH->BKSH", probs.astype(do.dtype), do)
   d_probs = jnp.einsum("BKMH,BKSH->BKMS", do, v, preferred_element_type=jnp.float32)
   delta = _row_dot(do, out)
   d_logits = probs * (d_probs - delta)
@@ -204,8 +207,8 @@ def _attend_bwd(softcap, res, d_out):
     _, th = _attention_scores(q, k, softcap)  # recomputed rather than saved
     d_logits = d_logits * (1.0 - th * th)
   d_logits = jnp.where(_kv_major_mask(mask, g), d_logits, 0.0).astype(q.dtype)
-  d_q = jnp.einsum("BKMS,BKSH->BKMH", d_logits, k)
-  d_k = jnp.einsum("BKMS,BKMH->BKSH", d_logits, q)
+  d_q = contract("BKMS,BKSH->BKMH", d_logits, k)
+  d_k = contract("BKMS,BKMH->BKSH", d_logits, q)
   return _from_kv_major(d_q, t, g), _swap_length_heads(d_k), _swap_length_heads(d_v), None
 
 
@@ -353,7 +356,7 @@ def _flash_bwd(softcap, block, offset, res, d_out):
     if softcap is not None:
       d_s = d_s * (1.0 - th * th)
     d_s = jnp.where(_kv_major_mask(mask[:, lo:hi, :s], g), d_s, 0.0).astype(q.dtype)
-    d_qs.append(jnp.einsum("BKMS,BKSH->BKMH", d_s, k_b))
+    d_qs.append(contract("BKMS,BKSH->BKMH", d_s, k_b))
     d_k_b = jnp.einsum("BKMS,BKMH->BKSH", d_s, q_b, preferred_element_type=jnp.float32)
     d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k[:, :, :s] + d_k_b, 0, axis=2)
     d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v[:, :, :s] + d_v_b, 0, axis=2)

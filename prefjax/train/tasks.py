@@ -134,7 +134,7 @@ def token_logps(model_cfg: Any, params: Any, hidden: jax.Array, targets: jax.Arr
     chunk = head.compact_chunk_size
   return ops.token_logps_from_hidden(
       hidden, models.unembedding(model_cfg, params), targets, chunk_size=chunk,
-      logit_softcap=model_cfg.final_logit_softcap, **kw)
+      logit_softcap=model_cfg.final_logit_softcap, compute_dtype=model_cfg.jnp_dtype, **kw)
 
 
 def sequence_logps(model_cfg: Any, params: Any, rows: dict[str, jax.Array], seq_ids: jax.Array,
