@@ -106,9 +106,14 @@ class Spec:
   workdir: str = ""
   prefjax_step: str = "auto"  # auto | train | local
   schedule: str = "interleaved"  # interleaved | sequential (see _step_round_robin)
-  pack_row_len: int = 0  # packed / prompt-shared row length; 0: 4 * (prompt + max response)
+  # packed / prompt-shared row length; 0: the multiple of 256 (the attention's causal block)
+  # that needs the fewest token slots for this run's batches (`auto_row_len`)
+  pack_row_len: int = 0
   host_malloc: str = "prefjax"  # which sides get glibc's huge-page malloc tunable (host_env.py)
   peer_python: str = ""  # interpreter for peer (tunix) workers; "" = this one
+  # float32, or bfloat16 mixed precision on both sides (float32 master weights and optimizer;
+  # TRL: `bf16=True`, torch.autocast; prefjax: ModelConfig.dtype, float32 accumulation).
+  precision: str = "float32"
   # prefjax's own settings (same gradients; docs/performance.md "CPU scheduler, scan"):
   prefjax_scan_layers: bool = True  # ModelConfig.scan_layers
   prefjax_remat: str = "none"  # ModelConfig.remat: none | full | save_dots
@@ -319,7 +324,7 @@ def _run_trl_worker(spec: Spec, config: str, chan: _Channel) -> None:
                 lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
                 weight_decay=0.0, max_grad_norm=spec.max_grad_norm, logging_steps=1,
                 report_to="none", save_strategy="no", seed=spec.seed, use_cpu=True,
-                bf16=False, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
+                bf16=spec.precision == "bfloat16", fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
                 train_sampling_strategy="sequential", disable_tqdm=True)
 
   if config in ("dpo_ref", "dpo_precomputed"):
@@ -542,6 +547,39 @@ def _pack_rows(batch: list[dict[str, list[int]]], row_len: int, shared: bool
   return rows
 
 
+def auto_row_len(batches: list[list[int]], *, block: int = 256, max_len: int = 0) -> int:
+  """The packed row length with the fewest token slots for `batches` of pair-feature lengths.
+
+  Every step's batch is one fixed [R, L] shape (one compilation), R the most first-fit rows any
+  step needs; candidates are the multiples of `block` (the attention's causal block, so block
+  skipping stays exact; multiples of 8 when `max_len` is below one block) from the longest
+  feature up to `max_len` (default 4 x the longest).
+  Ties go to the shorter row (less attention work per token).
+  """
+  longest = max(n for b in batches for n in b)
+  top = max_len or 4 * longest
+  if block > top:  # rows shorter than one causal block (tiny models): any multiple of 8
+    block = 8
+  first = -(-longest // block) * block
+  best: tuple[int, int] | None = None
+  for length in range(first, max(top, first) + 1, block):
+    rows = 0
+    for b in batches:
+      used: list[int] = []
+      for n in b:
+        for r, u in enumerate(used):
+          if u + n <= length:
+            used[r] += n
+            break
+        else:
+          used.append(n)
+      rows = max(rows, len(used))
+    if best is None or rows * length < best[0]:
+      best = (rows * length, length)
+  assert best is not None
+  return best[1]
+
+
 def _collate_packed(rows: list[list[dict[str, Any]]], row_len: int, num_rows: int,
                     max_pairs: int, shared: bool) -> dict[str, Any]:
   """Rows in the packer's output format -> prefjax.data.packing.collate_rows -> [R, L]."""
@@ -590,7 +628,8 @@ class _PrefjaxWorker:
     if self.ref_mode in ("model", "precomputed"):
       _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
     import prefjax
-    self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat)
+    self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat,
+                                dtype=spec.precision)
     params = prefjax.models.stack_layers(self.cfg, params)
     if ref_params is not None:
       ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
@@ -629,7 +668,14 @@ class _PrefjaxWorker:
     if self.layout == "padded":
       return [_pad_pairs(spec, c, spec.prompt_len + spec.max_response) for c in chunks]
     shared = self.layout == "prompt_shared"
-    row_len = spec.pack_row_len or 4 * (spec.prompt_len + spec.max_response)
+    row_len = spec.pack_row_len
+    if not row_len:
+      from prefjax.data.packing import packed_features, prompt_shared_features
+      feat = prompt_shared_features if shared else packed_features
+      lengths = [[len(feat(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]])["tokens"])
+                  for e in c] for c in chunks]
+      row_len = auto_row_len(lengths, block=self.cfg.attention_causal_block or 256,
+                             max_len=4 * (spec.prompt_len + spec.max_response))
     rows = [_pack_rows(c, row_len, shared) for c in chunks]
     num_rows = max(len(r) for r in rows)  # one fixed shape: one compilation
     max_pairs = max(len(row) for r in rows for row in r)
@@ -1152,7 +1198,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
               host_malloc=args.host_malloc, pack_row_len=args.pack_row_len,
               schedule=args.schedule, peer_python=args.peer_python or "",
               prefjax_scan_layers=bool(args.prefjax_scan_layers),
-              prefjax_remat=args.prefjax_remat, prefjax_cpu_scheduler=args.prefjax_cpu_scheduler)
+              prefjax_remat=args.prefjax_remat, prefjax_cpu_scheduler=args.prefjax_cpu_scheduler,
+              precision=args.precision)
   peers: dict[str, str] = {}
   if args.peer:
     reason = peer_unavailable(args.peer, spec.peer_python or sys.executable)
@@ -1317,8 +1364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--schedule", default="interleaved", choices=["interleaved", "sequential"],
                  help="step the workers round robin (default) or each one's steps back to back")
   p.add_argument("--pack-row-len", type=int, default=0,
-                 help="row length of the packed / prompt-shared layouts (default 4 x (prompt + "
-                      "max response))")
+                 help="row length of the packed / prompt-shared layouts (default 0: the multiple of "
+                      "256 needing the fewest token slots for the run's batches, at most "
+                      "4 x (prompt + max response))")
   p.add_argument("--host-malloc", default="prefjax", choices=["prefjax", "both", "none"],
                  help="worker processes started with glibc's huge-page malloc tunable "
                       "(prefjax/host_env.py): prefjax's only (as `python -m prefjax.main` runs; "
@@ -1330,6 +1378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--prefjax-cpu-scheduler", default="memory_optimized",
                  choices=["memory_optimized", "concurrency_optimized", "xla_default"],
                  help="prefjax's config.train.cpu_scheduler (default memory_optimized)")
+  p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                 help="compute precision of both sides (default float32, the equal-work "
+                      "setting); bfloat16: mixed precision, float32 master weights, on both")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_workdir", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -1358,6 +1409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 1
     return 0
 
+  if args.peer and args.precision != "float32":
+    p.error(f"--peer {args.peer} runs float32 only; drop it with --precision {args.precision}")
   result = orchestrate(args)
   _print_table(result)
   line = json.dumps(result, sort_keys=True, default=float)

@@ -68,6 +68,28 @@ def test_compare_trl_helpers():
   assert f == pytest.approx(g * 4 / 3)
 
 
+def test_compare_trl_auto_row_len():
+  """Hand-worked first-fit: the row length with the fewest slots, ties to the shorter row."""
+  ct = _load("compare_trl")
+  # 512: rows [300+200, 300+200] = 1024 slots; 768: [300+300, 200+200] = 1536; 1024: one row
+  # of 1000 = 1024 slots, a tie that goes to 512.
+  assert ct.auto_row_len([[300, 300, 200, 200]]) == 512
+  assert ct.auto_row_len([[600]]) == 768  # the longest feature rounded up to the block
+  # Every step gets the same shape: the worst step decides. 512 needs 2 rows in step 2 (1024
+  # slots); 768 fits both steps in one row (768 slots).
+  assert ct.auto_row_len([[250, 250], [300, 300, 100]]) == 768
+  # block 128: 384 needs 3 rows (1152 slots), 512 two ([300+100, 300], 1024), 640 two (1280).
+  assert ct.auto_row_len([[300, 300, 100]], block=128, max_len=640) == 512
+  # The benchmark's own batches: prompt-shared pairs (prompt 64 + two responses of 64-192)
+  # fill 768-token rows 4 to a step, [4, 768] instead of the padded [8, 512] slots.
+  spec = ct.Spec()
+  from prefjax.data.packing import prompt_shared_features
+  ex = ct.make_examples(spec)
+  lens = [[len(prompt_shared_features(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]])
+               ["tokens"]) for e in ex[s * 8:(s + 1) * 8]] for s in range(spec.total_steps)]
+  assert ct.auto_row_len(lens, max_len=1024) == 768
+
+
 def test_train_step_flops_match_compare_trl():
   """train_step.py's model FLOPs (segment lengths from segment_ids, packed rows included) equal
   compare_trl.py's (lengths from the examples), for a live reference and without one."""
