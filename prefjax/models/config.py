@@ -63,7 +63,9 @@ class ModelConfig:
   bos_token_id: int = 2
   eos_token_id: int = 1
   pad_token_id: int = 0
-  dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
+  # Compute dtype (bfloat16 on TPU, and on CPUs with AVX-512-BF16 / AMX). bfloat16 models
+  # contract bf16 operands with float32 accumulation, forward and backward (mixed_einsum.py).
+  dtype: str = "float32"
   param_dtype: str = "float32"  # master weights
   remat: str = "none"  # none | full | save_dots
   scan_layers: bool = False  # nn.scan over repeats of `attention_pattern`
