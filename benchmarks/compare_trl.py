@@ -324,7 +324,8 @@ def _run_trl_worker(spec: Spec, config: str, chan: _Channel) -> None:
                 lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
                 weight_decay=0.0, max_grad_norm=spec.max_grad_norm, logging_steps=1,
                 report_to="none", save_strategy="no", seed=spec.seed, use_cpu=True,
-                bf16=spec.precision == "bfloat16", fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
+                bf16=spec.precision == "bfloat16", fp16=False, gradient_checkpointing=False,
+                dataloader_num_workers=0,
                 train_sampling_strategy="sequential", disable_tqdm=True)
 
   if config in ("dpo_ref", "dpo_precomputed"):
@@ -526,25 +527,27 @@ def _pad_pairs(spec: Spec, batch: list[dict[str, list[int]]], length: int) -> di
   return a
 
 
-def _pack_rows(batch: list[dict[str, list[int]]], row_len: int, shared: bool
-               ) -> list[list[dict[str, Any]]]:
-  """First-fit: pair features (prefjax.data.packing) into rows of at most `row_len` tokens."""
-  from prefjax.data.packing import packed_features, prompt_shared_features
-  feat = prompt_shared_features if shared else packed_features
-  rows: list[list[dict[str, Any]]] = []
+def _first_fit(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+  """First-fit: the indices of `lengths` in each row of at most `row_len` tokens."""
+  rows: list[list[int]] = []
   used: list[int] = []
-  for ex in batch:
-    fe = feat(ex["prompt_ids"], [ex["chosen_ids"], ex["rejected_ids"]])
-    need = len(fe["tokens"])
-    for r in range(len(rows)):
-      if used[r] + need <= row_len:
-        rows[r].append(fe)
-        used[r] += need
+  for i, n in enumerate(lengths):
+    for r, u in enumerate(used):
+      if u + n <= row_len:
+        rows[r].append(i)
+        used[r] += n
         break
     else:
-      rows.append([fe])
-      used.append(need)
+      rows.append([i])
+      used.append(n)
   return rows
+
+
+def _pair_features(batch: list[dict[str, list[int]]], shared: bool) -> list[dict[str, Any]]:
+  """Each pair as one packable element (prefjax.data.packing)."""
+  from prefjax.data.packing import packed_features, prompt_shared_features
+  feat = prompt_shared_features if shared else packed_features
+  return [feat(ex["prompt_ids"], [ex["chosen_ids"], ex["rejected_ids"]]) for ex in batch]
 
 
 def auto_row_len(batches: list[list[int]], *, block: int = 256, max_len: int = 0) -> int:
@@ -561,23 +564,10 @@ def auto_row_len(batches: list[list[int]], *, block: int = 256, max_len: int = 0
   if block > top:  # rows shorter than one causal block (tiny models): any multiple of 8
     block = 8
   first = -(-longest // block) * block
-  best: tuple[int, int] | None = None
-  for length in range(first, max(top, first) + 1, block):
-    rows = 0
-    for b in batches:
-      used: list[int] = []
-      for n in b:
-        for r, u in enumerate(used):
-          if u + n <= length:
-            used[r] += n
-            break
-        else:
-          used.append(n)
-      rows = max(rows, len(used))
-    if best is None or rows * length < best[0]:
-      best = (rows * length, length)
-  assert best is not None
-  return best[1]
+
+  def slots(length: int) -> int:
+    return length * max(len(_first_fit(b, length)) for b in batches)
+  return min(range(first, max(top, first) + 1, block), key=lambda n: (slots(n), n))
 
 
 def _collate_packed(rows: list[list[dict[str, Any]]], row_len: int, num_rows: int,
@@ -668,15 +658,13 @@ class _PrefjaxWorker:
     if self.layout == "padded":
       return [_pad_pairs(spec, c, spec.prompt_len + spec.max_response) for c in chunks]
     shared = self.layout == "prompt_shared"
-    row_len = spec.pack_row_len
-    if not row_len:
-      from prefjax.data.packing import packed_features, prompt_shared_features
-      feat = prompt_shared_features if shared else packed_features
-      lengths = [[len(feat(e["prompt_ids"], [e["chosen_ids"], e["rejected_ids"]])["tokens"])
-                  for e in c] for c in chunks]
-      row_len = auto_row_len(lengths, block=self.cfg.attention_causal_block or 256,
-                             max_len=4 * (spec.prompt_len + spec.max_response))
-    rows = [_pack_rows(c, row_len, shared) for c in chunks]
+    feats = [_pair_features(c, shared) for c in chunks]
+    lengths = [[len(f["tokens"]) for f in fc] for fc in feats]
+    row_len = spec.pack_row_len or auto_row_len(
+        lengths, block=self.cfg.attention_causal_block or 256,
+        max_len=4 * (spec.prompt_len + spec.max_response))
+    rows = [[[fc[i] for i in row] for row in _first_fit(ln, row_len)]
+            for fc, ln in zip(feats, lengths)]
     num_rows = max(len(r) for r in rows)  # one fixed shape: one compilation
     max_pairs = max(len(row) for r in rows for row in r)
     return [_collate_packed(r, row_len, num_rows, max_pairs, shared) for r in rows]
