@@ -117,7 +117,10 @@ class Spec:
   # prefjax's own settings (same gradients; docs/performance.md "CPU scheduler, scan"):
   prefjax_scan_layers: bool = True  # ModelConfig.scan_layers
   prefjax_remat: str = "none"  # ModelConfig.remat: none | full | save_dots
+  prefjax_causal_block: int = -1  # ModelConfig.attention_causal_block; -1: the model default
   prefjax_cpu_scheduler: str = "memory_optimized"  # config.train.cpu_scheduler
+  # config.train.logps_implementation of the DPO configs; "auto": `logps_implementation_for`
+  prefjax_logps_implementation: str = "auto"
 
   @property
   def total_steps(self) -> int:
@@ -570,6 +573,24 @@ def auto_row_len(batches: list[list[int]], *, block: int = 256, max_len: int = 0
   return min(range(first, max(top, first) + 1, block), key=lambda n: (slots(n), n))
 
 
+# The equal-work configuration keeps the library's default vocabulary head (custom_vjp: no
+# [tokens, V] logits kept for the backward pass, the memory target); the others are prefjax's
+# best settings, whose head keeps each chunk's float32 logits and skips their recomputation.
+EQUAL_WORK_CONFIG = "dpo_ref"
+
+
+def logps_implementation_for(config: str, choice: str = "auto") -> str:
+  """`config.train.logps_implementation` of a prefjax DPO configuration.
+
+  "auto": "custom_vjp" (4 head matmuls, no saved logits) for the equal-work `dpo_ref`, and
+  "saved_logits" (3 head matmuls; the response positions' float32 logits, 4 B x V each, kept
+  for the backward pass) for the best-settings configurations; any other choice applies to all.
+  """
+  if choice != "auto":
+    return choice
+  return "custom_vjp" if config == EQUAL_WORK_CONFIG else "saved_logits"
+
+
 def _collate_packed(rows: list[list[dict[str, Any]]], row_len: int, num_rows: int,
                     max_pairs: int, shared: bool) -> dict[str, Any]:
   """Rows in the packer's output format -> prefjax.data.packing.collate_rows -> [R, L]."""
@@ -618,6 +639,8 @@ class _PrefjaxWorker:
     if self.ref_mode in ("model", "precomputed"):
       _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
     import prefjax
+    if spec.prefjax_causal_block >= 0:
+      self.cfg = self.cfg.replace(attention_causal_block=spec.prefjax_causal_block)
     self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat,
                                 dtype=spec.precision)
     params = prefjax.models.stack_layers(self.cfg, params)
@@ -694,18 +717,23 @@ class _PrefjaxWorker:
     import jax
     import jax.numpy as jnp
     from prefjax.train import make_task, train_step
+    from prefjax.train.tasks import HeadOptions
     from prefjax.train.optimizer import make_optimizer
     from prefjax.train.state import TrainState
 
     spec = self.spec
+    self.logps_implementation = None
     if self.config in REWARD_CONFIGS:
       task = make_task("reward", model_cfg=self.cfg, layout=self.layout,
                        loss_config=_AttrDict(name="bradley_terry"))
     else:
       loss = (_AttrDict(name="simpo", beta=spec.simpo_beta, simpo_gamma=spec.simpo_gamma)
               if self.config == "simpo" else _AttrDict(name="dpo", beta=spec.beta))
+      self.logps_implementation = logps_implementation_for(
+          self.config, spec.prefjax_logps_implementation)
       task = make_task("preference", model_cfg=self.cfg, layout=self.layout, loss_config=loss,
-                       ref_mode=self.ref_mode)
+                       ref_mode=self.ref_mode,
+                       chunk_size=HeadOptions(implementation=self.logps_implementation))
     optim = _AttrDict(learning_rate=spec.learning_rate, schedule="constant", warmup_steps=0,
                       grad_clip=spec.max_grad_norm, weight_decay=0.0, b1=0.9, b2=0.999,
                       eps=1e-8)
@@ -727,7 +755,9 @@ class _PrefjaxWorker:
     self.step = step
     self.step_kind = ("prefjax.train.train_step (make_task + make_optimizer), jit, donated; "
                       f"scan_layers={self.cfg.scan_layers}, remat={self.cfg.remat}, "
-                      f"cpu_scheduler={spec.prefjax_cpu_scheduler}")
+                      f"cpu_scheduler={spec.prefjax_cpu_scheduler}"
+                      + (f", logps_implementation={self.logps_implementation}"
+                         if self.logps_implementation else ""))
 
   # -- the benchmark-local step --
   def _seq_logps_padded(self, params: Any, b: dict[str, Any]):
@@ -802,6 +832,7 @@ class _PrefjaxWorker:
     chan.send(event="ready", setup_s=time.perf_counter() - t_setup,
               precompute_s=self.precompute_s, step_kind=self.step_kind, loader=self.loader,
               layout=self.layout, batch_shape=list(self.batches[0]["tokens"].shape),
+              logps_implementation=getattr(self, "logps_implementation", None),
               versions={"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count()})
     for b in self.batches:
@@ -1134,7 +1165,7 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
       "glibc_tunables": raw.get("glibc_tunables", ""),
   })
   for k in ("precompute_s", "step_kind", "versions", "attn_implementation", "loader", "layout",
-            "batch_shape"):
+            "batch_shape", "logps_implementation"):
     if k in raw.get("ready", {}):
       out[k] = raw["ready"][k]
   if steps and "logps_chosen_mean" in steps[0]:
@@ -1187,6 +1218,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
               schedule=args.schedule, peer_python=args.peer_python or "",
               prefjax_scan_layers=bool(args.prefjax_scan_layers),
               prefjax_remat=args.prefjax_remat, prefjax_cpu_scheduler=args.prefjax_cpu_scheduler,
+              prefjax_logps_implementation=args.prefjax_logps_implementation,
+              prefjax_causal_block=args.prefjax_causal_block,
               precision=args.precision)
   peers: dict[str, str] = {}
   if args.peer:
@@ -1366,6 +1399,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--prefjax-cpu-scheduler", default="memory_optimized",
                  choices=["memory_optimized", "concurrency_optimized", "xla_default"],
                  help="prefjax's config.train.cpu_scheduler (default memory_optimized)")
+  p.add_argument("--prefjax-causal-block", type=int, default=-1,
+                 help="prefjax's ModelConfig.attention_causal_block (query slots per causal "
+                      "block; 0: none; default -1: the model default, 256); also the packed "
+                      "row-length granularity of --pack-row-len 0")
+  p.add_argument("--prefjax-logps-implementation", default="auto",
+                 choices=["auto", "custom_vjp", "saved_logits", "checkpoint"],
+                 help="prefjax's config.train.logps_implementation for the DPO configurations "
+                      "(default auto: custom_vjp for the equal-work dpo_ref, saved_logits for "
+                      "the best-settings ones)")
   p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                  help="compute precision of both sides (default float32, the equal-work "
                       "setting); bfloat16: mixed precision, float32 master weights, on both")

@@ -176,6 +176,24 @@ def _needs_hf_checkpoints():
 
 
 @pytest.mark.parity
+def test_compare_trl_logps_implementation_choice():
+  """auto: the equal-work config keeps the memory-lean default head, the rest save logits;
+  an explicit choice applies to every configuration; the CLI rejects unknown names."""
+  ct = _load("compare_trl")
+  assert ct.logps_implementation_for("dpo_ref") == "custom_vjp"
+  for config in ("dpo_precomputed", "dpo_precomputed_shared", "dpo_ref_shared", "simpo"):
+    assert ct.logps_implementation_for(config) == "saved_logits"
+    assert ct.logps_implementation_for(config, "custom_vjp") == "custom_vjp"
+  assert ct.logps_implementation_for("dpo_ref", "saved_logits") == "saved_logits"
+  from prefjax.ops.logprobs import IMPLEMENTATIONS
+  out = subprocess.run([sys.executable, str(BENCH / "compare_trl.py"),
+                        "--prefjax-logps-implementation", "nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "invalid choice" in out.stderr
+  for name in IMPLEMENTATIONS:  # every library implementation is selectable
+    assert name in out.stderr
+
+
 def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
   """The prompt-shared reward config gives the padded config's first loss (same pairs), and
   the sequential schedule steps every worker; prefjax side only (no TRL needed)."""
