@@ -660,6 +660,7 @@ class _PrefjaxWorker:
     if impl == "local" and self.layout != "padded":
       raise RuntimeError(f"{config}: the benchmark-local step only does the padded layout")
     self.step_impl = impl
+    self.logps_implementation = None  # set by the library step's DPO configurations
     self.precompute_s = 0.0
     if self.ref_mode == "precomputed":
       t0 = time.perf_counter()
@@ -722,7 +723,6 @@ class _PrefjaxWorker:
     from prefjax.train.state import TrainState
 
     spec = self.spec
-    self.logps_implementation = None
     if self.config in REWARD_CONFIGS:
       task = make_task("reward", model_cfg=self.cfg, layout=self.layout,
                        loss_config=_AttrDict(name="bradley_terry"))
@@ -832,7 +832,7 @@ class _PrefjaxWorker:
     chan.send(event="ready", setup_s=time.perf_counter() - t_setup,
               precompute_s=self.precompute_s, step_kind=self.step_kind, loader=self.loader,
               layout=self.layout, batch_shape=list(self.batches[0]["tokens"].shape),
-              logps_implementation=getattr(self, "logps_implementation", None),
+              logps_implementation=self.logps_implementation,
               versions={"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count()})
     for b in self.batches:

@@ -175,7 +175,6 @@ def _needs_hf_checkpoints():
   pytest.importorskip("transformers")
 
 
-@pytest.mark.parity
 def test_compare_trl_logps_implementation_choice():
   """auto: the equal-work config keeps the memory-lean default head, the rest save logits;
   an explicit choice applies to every configuration; the CLI rejects unknown names."""
@@ -194,6 +193,7 @@ def test_compare_trl_logps_implementation_choice():
     assert name in out.stderr
 
 
+@pytest.mark.parity
 def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
   """The prompt-shared reward config gives the padded config's first loss (same pairs), and
   the sequential schedule steps every worker; prefjax side only (no TRL needed)."""
