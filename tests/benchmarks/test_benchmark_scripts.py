@@ -193,6 +193,27 @@ def test_compare_trl_logps_implementation_choice():
     assert name in out.stderr
 
 
+def test_compare_trl_causal_block_choice():
+  """auto: the reward configs take REWARD_CAUSAL_BLOCK, the DPO ones the model default; an
+  explicit number applies to all; bad values are refused by the CLI before any work."""
+  ct = _load("compare_trl")
+  for config in ct.REWARD_CONFIGS:
+    assert ct.causal_block_for(config) == ct.REWARD_CAUSAL_BLOCK == 128
+  for config in ("dpo_ref", "dpo_precomputed", "dpo_precomputed_shared", "simpo"):
+    assert ct.causal_block_for(config) is None
+    assert ct.causal_block_for(config, "64") == 64
+    assert ct.causal_block_for(config, "0") == 0
+  assert ct.causal_block_for("reward_shared", "default") is None
+  assert ct.causal_block_for("reward_shared", -1) is None
+  for bad in ("-5", "big"):
+    with pytest.raises(ValueError, match="causal block"):
+      ct.causal_block_for("reward", bad)
+  out = subprocess.run([sys.executable, str(BENCH / "compare_trl.py"),
+                        "--prefjax-causal-block", "big"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "causal block 'big'" in out.stderr
+
+
 @pytest.mark.parity
 def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
   """The prompt-shared reward config gives the padded config's first loss (same pairs), and
