@@ -1489,6 +1489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.out:
     with open(args.out, "w") as f:
       f.write(line + "\n")
+    if os.path.exists(args.out + ".partial"):  # superseded by the complete result
+      os.remove(args.out + ".partial")
   print(line, flush=True)
   return 0
 

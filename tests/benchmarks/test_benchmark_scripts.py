@@ -215,12 +215,18 @@ def test_compare_trl_causal_block_choice():
 
 
 @pytest.mark.parity
-def test_compare_trl_tiny_prefjax_layouts_agree_sequential():
+def test_compare_trl_tiny_prefjax_layouts_agree_sequential(tmp_path):
   """The prompt-shared reward config gives the padded config's first loss (same pairs), and
-  the sequential schedule steps every worker; prefjax side only (no TRL needed)."""
+  the sequential schedule steps every worker; prefjax side only (no TRL needed). `--out`
+  holds the final JSON and no leftover per-group `.partial` file."""
   _needs_hf_checkpoints()
+  out = tmp_path / "result.json"
   res = _run([str(BENCH / "compare_trl.py"), "--tiny", "--sides", "prefjax", "--groups",
-              "reward", "--schedule", "sequential", "--peak-flops", "1e10"], timeout=900)
+              "reward", "--schedule", "sequential", "--peak-flops", "1e10", "--out", str(out)],
+             timeout=900)
+  assert json.loads(out.read_text()) == res
+  assert not (tmp_path / "result.json.partial").exists()
+  assert res["sides"]["prefjax:reward_shared"]["attention_causal_block"] == 128
   sides = res["sides"]
   assert res["spec"]["schedule"] == "sequential"
   assert sides["prefjax:reward_shared"]["layout"] == "prompt_shared"
