@@ -678,10 +678,9 @@ class _PrefjaxWorker:
       _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
     import prefjax
     block = causal_block_for(config, spec.prefjax_causal_block)
-    if block is not None:
-      self.cfg = self.cfg.replace(attention_causal_block=block)
-    self.cfg = self.cfg.replace(scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat,
-                                dtype=spec.precision)
+    self.cfg = self.cfg.replace(
+        scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat, dtype=spec.precision,
+        attention_causal_block=self.cfg.attention_causal_block if block is None else block)
     params = prefjax.models.stack_layers(self.cfg, params)
     if ref_params is not None:
       ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
@@ -873,7 +872,7 @@ class _PrefjaxWorker:
               precompute_s=self.precompute_s, step_kind=self.step_kind, loader=self.loader,
               layout=self.layout, batch_shape=list(self.batches[0]["tokens"].shape),
               logps_implementation=self.logps_implementation,
-              attention_causal_block=getattr(self.cfg, "attention_causal_block", None),
+              attention_causal_block=self.cfg.attention_causal_block,
               versions={"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count()})
     for b in self.batches:
