@@ -120,6 +120,9 @@ class Spec:
   # ModelConfig.attention_causal_block: "auto" (`causal_block_for`), "default" (the model's,
   # 256) or a number of query slots
   prefjax_causal_block: str = "auto"
+  # ModelConfig.attention_key_tile (per-row key windows of packed rows longer than the query
+  # block; 0: off, the library default); -1: the model's
+  prefjax_key_tile: int = 64
   prefjax_cpu_scheduler: str = "memory_optimized"  # config.train.cpu_scheduler
   # config.train.logps_implementation of the DPO configs; "auto": `logps_implementation_for`
   prefjax_logps_implementation: str = "auto"
@@ -620,6 +623,18 @@ def causal_block_for(config: str, choice: str | int = "auto") -> Optional[int]:
   return block
 
 
+def _key_tile_arg(text: str) -> int:
+  """argparse type of --prefjax-key-tile: an int >= -1."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = -2
+  if value < -1:
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected key slots per window step (>= 1), 0 (off) or -1 (the model's)")
+  return value
+
+
 def _causal_block_arg(text: str) -> str:
   """argparse type of --prefjax-causal-block (validated, kept as text for spec.json)."""
   try:
@@ -680,7 +695,9 @@ class _PrefjaxWorker:
     block = causal_block_for(config, spec.prefjax_causal_block)
     self.cfg = self.cfg.replace(
         scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat, dtype=spec.precision,
-        attention_causal_block=self.cfg.attention_causal_block if block is None else block)
+        attention_causal_block=self.cfg.attention_causal_block if block is None else block,
+        attention_key_tile=(self.cfg.attention_key_tile if spec.prefjax_key_tile < 0
+                            else spec.prefjax_key_tile))
     params = prefjax.models.stack_layers(self.cfg, params)
     if ref_params is not None:
       ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
@@ -794,7 +811,8 @@ class _PrefjaxWorker:
     self.step_kind = ("prefjax.train.train_step (make_task + make_optimizer), jit, donated; "
                       f"scan_layers={self.cfg.scan_layers}, remat={self.cfg.remat}, "
                       f"cpu_scheduler={spec.prefjax_cpu_scheduler}, "
-                      f"attention_causal_block={self.cfg.attention_causal_block}"
+                      f"attention_causal_block={self.cfg.attention_causal_block}, "
+                      f"attention_key_tile={self.cfg.attention_key_tile}"
                       + (f", logps_implementation={self.logps_implementation}"
                          if self.logps_implementation else ""))
 
@@ -873,6 +891,7 @@ class _PrefjaxWorker:
               layout=self.layout, batch_shape=list(self.batches[0]["tokens"].shape),
               logps_implementation=self.logps_implementation,
               attention_causal_block=self.cfg.attention_causal_block,
+              attention_key_tile=self.cfg.attention_key_tile,
               versions={"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count()})
     for b in self.batches:
@@ -1205,7 +1224,8 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
       "glibc_tunables": raw.get("glibc_tunables", ""),
   })
   for k in ("precompute_s", "step_kind", "versions", "attn_implementation", "loader", "layout",
-            "batch_shape", "logps_implementation", "attention_causal_block"):
+            "batch_shape", "logps_implementation", "attention_causal_block",
+            "attention_key_tile"):
     if k in raw.get("ready", {}):
       out[k] = raw["ready"][k]
   if steps and "logps_chosen_mean" in steps[0]:
@@ -1260,6 +1280,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
               prefjax_remat=args.prefjax_remat, prefjax_cpu_scheduler=args.prefjax_cpu_scheduler,
               prefjax_logps_implementation=args.prefjax_logps_implementation,
               prefjax_causal_block=args.prefjax_causal_block,
+              prefjax_key_tile=args.prefjax_key_tile,
               precision=args.precision)
   peers: dict[str, str] = {}
   if args.peer:
@@ -1444,6 +1465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "block; 0: none): auto (default: 128 for the reward configurations, the "
                       "model default 256 for the DPO ones), default, or a number for all; "
                       "also the packed row-length granularity of --pack-row-len 0")
+  p.add_argument("--prefjax-key-tile", type=_key_tile_arg, default=64,
+                 help="prefjax's ModelConfig.attention_key_tile: key slots per window step of "
+                      "the per-row key windows that skip earlier segments of packed rows "
+                      "(default 64; 0: off, the library default; -1: the model's)")
   p.add_argument("--prefjax-logps-implementation", default="auto",
                  choices=["auto", "custom_vjp", "saved_logits", "checkpoint"],
                  help="prefjax's config.train.logps_implementation for the DPO configurations "

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark harnesses: they run and print JSON. No timing is asserted."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -212,6 +213,10 @@ def test_compare_trl_causal_block_choice():
                         "--prefjax-causal-block", "big"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and "causal block 'big'" in out.stderr
+  for bad in ("-5", "wide"):
+    with pytest.raises(argparse.ArgumentTypeError, match="key slots per window step"):
+      ct._key_tile_arg(bad)
+  assert [ct._key_tile_arg(v) for v in ("-1", "0", "64")] == [-1, 0, 64]
 
 
 @pytest.mark.parity
@@ -227,6 +232,7 @@ def test_compare_trl_tiny_prefjax_layouts_agree_sequential(tmp_path):
   assert json.loads(out.read_text()) == res
   assert not (tmp_path / "result.json.partial").exists()
   assert res["sides"]["prefjax:reward_shared"]["attention_causal_block"] == 128
+  assert res["sides"]["prefjax:reward_shared"]["attention_key_tile"] == 64
   sides = res["sides"]
   assert res["spec"]["schedule"] == "sequential"
   assert sides["prefjax:reward_shared"]["layout"] == "prompt_shared"
