@@ -596,22 +596,25 @@ def logps_implementation_for(config: str, choice: str = "auto") -> str:
   return "custom_vjp" if config == EQUAL_WORK_CONFIG else "saved_logits"
 
 
-# Query slots per causal attention block of the reward configurations ("auto"): at their
-# [4, 768] / [16, 256] rows 128 ran 3-9% faster than the library's 256 in three alternating
-# A/Bs on compare_trl's batches, and made no difference on the DPO steps (docs/performance.md).
-REWARD_CAUSAL_BLOCK = 128
+# Query slots per causal attention block under "auto", for every configuration but the
+# equal-work one (which keeps the library's 256, like its head, for the memory target): at the
+# reward configurations' [4, 768] / [16, 256] rows 128 ran 3-9% faster than 256 in three
+# alternating A/Bs; with key windows (--prefjax-key-tile) the finer blocks also give finer
+# windows, and `dpo_precomputed_shared` ran 5.06 / 5.13 s against 5.49 / 5.27 s
+# (docs/performance.md).
+SHORT_CAUSAL_BLOCK = 128
 
 
 def causal_block_for(config: str, choice: str | int = "auto") -> Optional[int]:
   """`ModelConfig.attention_causal_block` of a prefjax configuration (None: the model default).
 
-  "auto": `REWARD_CAUSAL_BLOCK` for the reward configurations, the default for the rest;
-  "default" (or -1): the model default everywhere; a number >= 0 applies to every
+  "auto": `SHORT_CAUSAL_BLOCK` for every configuration but `EQUAL_WORK_CONFIG`, which keeps
+  the default; "default" (or -1): the model default everywhere; a number >= 0 applies to every
   configuration (0: no causal block skipping).
   """
   choice = str(choice).strip().lower()
   if choice == "auto":
-    return REWARD_CAUSAL_BLOCK if config in REWARD_CONFIGS else None
+    return None if config == EQUAL_WORK_CONFIG else SHORT_CAUSAL_BLOCK
   if choice in ("default", "-1"):
     return None
   try:
@@ -1462,8 +1465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="prefjax's config.train.cpu_scheduler (default memory_optimized)")
   p.add_argument("--prefjax-causal-block", type=_causal_block_arg, default="auto",
                  help="prefjax's ModelConfig.attention_causal_block (query slots per causal "
-                      "block; 0: none): auto (default: 128 for the reward configurations, the "
-                      "model default 256 for the DPO ones), default, or a number for all; "
+                      "block; 0: none): auto (default: 128, but the model default 256 for the "
+                      "equal-work dpo_ref), default, or a number for all; "
                       "also the packed row-length granularity of --pack-row-len 0")
   p.add_argument("--prefjax-key-tile", type=_key_tile_arg, default=64,
                  help="prefjax's ModelConfig.attention_key_tile: key slots per window step of "

@@ -195,13 +195,15 @@ def test_compare_trl_logps_implementation_choice():
 
 
 def test_compare_trl_causal_block_choice():
-  """auto: the reward configs take REWARD_CAUSAL_BLOCK, the DPO ones the model default; an
-  explicit number applies to all; bad values are refused by the CLI before any work."""
+  """auto: every config but the equal-work one takes SHORT_CAUSAL_BLOCK, dpo_ref the model
+  default; an explicit number applies to all; bad values are refused by the CLI before any
+  work."""
   ct = _load("compare_trl")
-  for config in ct.REWARD_CONFIGS:
-    assert ct.causal_block_for(config) == ct.REWARD_CAUSAL_BLOCK == 128
+  assert ct.EQUAL_WORK_CONFIG == "dpo_ref" and ct.causal_block_for("dpo_ref") is None
+  for config in ct.REWARD_CONFIGS + ("dpo_precomputed", "dpo_precomputed_shared", "simpo",
+                                     "dpo_ref_shared"):
+    assert ct.causal_block_for(config) == ct.SHORT_CAUSAL_BLOCK == 128
   for config in ("dpo_ref", "dpo_precomputed", "dpo_precomputed_shared", "simpo"):
-    assert ct.causal_block_for(config) is None
     assert ct.causal_block_for(config, "64") == 64
     assert ct.causal_block_for(config, "0") == 0
   assert ct.causal_block_for("reward_shared", "default") is None
