@@ -105,3 +105,66 @@ def test_reward_task_sharded_2x2x2_equals_single_device():
   # (one device vs 2x2x2, and a different XLA:CPU scheduler on one device) moves a few such
   # parameters by up to ~1e-4; every other parameter agrees to 1e-6.
   _close_trees(p1, p8, rtol=1e-4, atol=1e-4)
+
+
+def _one_step(batch, mesh):
+  """(state before, state after, metrics, tx) of one jitted step on `batch`, all on the host."""
+  import flax.linen as nn
+  from prefjax import sharding as sharding_lib
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding_lib.LOGICAL_AXIS_RULES)):
+    state, fn = helpers.setup(mesh)
+    before = jax.device_get(state)
+    after, m = fn(state, sharding_lib.make_global_batch(batch, mesh))
+    return before, jax.device_get(after), jax.device_get(m)
+
+
+def test_nonfinite_step_keeps_parameters_and_moments():
+  """A NaN loss: the update is refused (params and both Adam moments bitwise as before), the
+  step counter moves on and the metrics say so."""
+  batch = helpers.pair_batch(8, seed=3)
+  batch["loss_mask"] = batch["loss_mask"].copy()
+  batch["loss_mask"][0, 0, 5] = np.nan
+  before, after, m = _one_step(batch, helpers.mesh_of(2))
+  assert float(m["nonfinite"]) == 1.0 and not np.isfinite(float(m["loss"]))
+  assert int(after.step) == int(before.step) + 1
+  for x, y in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_finite_step_is_clip_plus_adamw():
+  """The applied update equals optax's clip + AdamW on the normalised gradients, computed here
+  without the step (independent of its conditional)."""
+  import optax
+  from prefjax.train import optimizer as optim_lib, tasks as tasks_lib
+  import ml_collections
+  batch = helpers.pair_batch(8, seed=4)
+  before, after, m = _one_step(batch, helpers.mesh_of(1))
+  assert float(m["nonfinite"]) == 0.0
+  cfg = helpers.model_cfg("preference")
+  task = tasks_lib.make_task("preference", model_cfg=cfg, layout="padded",
+                             loss_config=ml_collections.ConfigDict({"name": "dpo", "beta": 0.1}),
+                             ref_mode="model", chunk_size=8)
+  (_, stats), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+      before.params, before.ref_params, jax.tree.map(np.asarray, batch))
+  n = stats["loss"][1]
+  grads = jax.tree.map(lambda g: g / n, grads)
+  tx, _ = optim_lib.make_optimizer(helpers.optim_config(), 100)
+  updates, opt = tx.update(grads, before.opt_state, before.params)
+  # The first AdamW step moves every parameter by about lr (1e-2) times sign(g): a tolerance of
+  # 1% of that absorbs the gradients' summation order, and a missing update fails.
+  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+              for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params)))
+  assert moved > 5e-3
+  _close_trees(optax.apply_updates(before.params, updates), after.params, rtol=0, atol=1e-4)
+  _close_trees(opt, after.opt_state, rtol=1e-3, atol=1e-9)
+
+
+def test_updatable_refuses_nan_inf_and_overflowing_norms():
+  import jax.numpy as jnp
+  from prefjax.train.step import MAX_GRAD_NORM, updatable
+  ok = lambda loss, norm: bool(updatable(jnp.float32(loss), jnp.float32(norm)))
+  assert ok(0.7, 3.0) and ok(0.7, 1e18)
+  assert not ok(np.nan, 1.0) and not ok(np.inf, 1.0)
+  assert not ok(0.7, np.nan) and not ok(0.7, np.inf) and not ok(0.7, 2 * MAX_GRAD_NORM)
+  assert float(jnp.float32(MAX_GRAD_NORM)) ** 2 < float(np.finfo(np.float32).max)
