@@ -102,8 +102,8 @@ def train_step(state: TrainState, batch: Batch, *, task: Task,
 
   # A conditional, not `where(finite, new, old)` over every leaf: the refused step costs
   # nothing and the applied one is AdamW's passes alone (three fewer passes over the
-  # parameters and both moments; the optimizer part of a 46M-parameter step 100-130 -> 57-60 ms
-  # on 2 CPU cores).
+  # parameters and both moments; the optimizer part of a 46M-parameter step 97-130 -> 57-60 ms
+  # on 2 CPU cores, docs/performance.md).
   params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
                                    (state.params, state.opt_state, grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
