@@ -1,10 +1,13 @@
 r"""Train-step benchmark: steady-state step time, real tokens/s, MFU, peak RSS, compile time.
 
 For a model preset and a set of task variants (dpo with a live reference model, dpo with
-precomputed reference log-probs, simpo, reward) and layouts (padded, packed), builds the same
-jitted step the trainer uses (`prefjax.train.step.jit_train_step`) on synthetic batches
-shaped like real preference data (prompt P tokens, responses of random length in [Rmin, Rmax]),
-and prints one JSON object per configuration. Times are medians of `--steps` timed steps
+precomputed reference log-probs, simpo, reward) and layouts (padded, packed, prompt_shared),
+builds the same jitted step the trainer uses (`prefjax.train.step.jit_train_step`) on synthetic
+batches shaped like real preference data (prompt P tokens, responses of random length in
+[Rmin, Rmax]) or, with `--data hh`, on the shipped HH-RLHF pairs (tokenised as compare_trl.py
+does), and prints one JSON object per configuration. The `prompt_shared` layout and `--data hh`
+build their pairs with compare_trl.py's `make_examples` and pack them into the row length
+`auto_row_len` picks (the fewest token slots, multiples of the causal block). Times are medians of `--steps` timed steps
 after `--warmup` steps. MFU = model FLOPs / step time / float32 peak, the peak measured by
 benchmarks/peak.py in this process before the model is built unless `--peak-flops` is given;
 with `--peak-between-steps`, `mfu_adjacent` is each step's MFU against the mean of the peaks
@@ -19,6 +22,7 @@ adds a third of each. `mfu_dense` is the older 6·N·T over every token, attenti
 
   python benchmarks/train_step.py --preset bench_46m --tasks dpo,dpo_precomputed,simpo,reward \
       --layouts padded,packed --batch 8 --prompt-len 64 --min-response 64 --max-response 192
+  python benchmarks/train_step.py --tasks reward,dpo_precomputed --layouts prompt_shared --data hh
   python benchmarks/train_step.py --tiny        # seconds: tiny model, for smoke tests
 """
 from __future__ import annotations
@@ -106,6 +110,35 @@ def packed_batch(args, vocab, seed=0) -> dict[str, np.ndarray]:
   return out
 
 
+LAYOUTS = ("padded", "packed", "prompt_shared")
+
+
+def example_batch(args, vocab: int, layout: str, causal_block: int) -> dict[str, np.ndarray]:
+  """One step's batch from compare_trl.py's pairs (`--data synthetic|hh`, `args.batch` pairs):
+  padded [B, 2, L] (L = prompt + max response), or packed / prompt-shared rows [R, L'] with
+  L' from `auto_row_len` (the fewest slots for this batch, a multiple of `causal_block`)."""
+  import compare_trl as ct  # pylint: disable=g-import-not-at-top  (benchmarks/compare_trl.py)
+  spec = ct.Spec(vocab_size=vocab, batch_pairs=args.batch, prompt_len=args.prompt_len,
+                 min_response=args.min_response, max_response=args.max_response,
+                 data=args.data, seed=0, steps=1, warmup=0)
+  if args.data == "hh":
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    need = spm.SentencePieceProcessor(model_file=ct._TOKENIZER).get_piece_size()  # pylint: disable=protected-access
+    if vocab < need:
+      raise SystemExit(f"--data hh: the model's vocabulary ({vocab}) is smaller than the "
+                       f"shipped tokenizer's ({need}); use a preset such as bench_46m")
+  pairs = ct.make_examples(spec)[:args.batch]
+  if layout == "padded":
+    return ct._pad_pairs(spec, pairs, args.prompt_len + args.max_response)  # pylint: disable=protected-access
+  feats = ct._pair_features(pairs, layout == "prompt_shared")  # pylint: disable=protected-access
+  lengths = [len(f["tokens"]) for f in feats]
+  row_len = ct.auto_row_len([lengths], block=causal_block or 256,
+                            max_len=4 * (args.prompt_len + args.max_response))
+  rows = [[feats[i] for i in row] for row in ct._first_fit(lengths, row_len)]  # pylint: disable=protected-access
+  return ct._collate_packed(rows, row_len, len(rows), max(len(r) for r in rows),  # pylint: disable=protected-access
+                            layout == "prompt_shared")
+
+
 def sum_sq_segment_lengths(segment_ids: np.ndarray) -> int:
   """Σ len² over the sequences of a batch: segment_ids [..., T] (0 = padding; a packed row
   holds several segments)."""
@@ -162,11 +195,14 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
                                        else {"name": loss})
   optim = ml_collections.ConfigDict(dict(learning_rate=1e-5, schedule="constant",
                                          warmup_steps=0, weight_decay=0.0, grad_clip=1.0))
-  batch = (packed_batch if layout == "packed" else padded_batch)(args, cfg.vocab_size)
+  if layout == "prompt_shared" or args.data != "synthetic":
+    batch = example_batch(args, cfg.vocab_size, layout, cfg.attention_causal_block)
+  else:  # the synthetic pairs of the earlier rounds' figures
+    batch = (packed_batch if layout == "packed" else padded_batch)(args, cfg.vocab_size)
   if ref_mode == "precomputed":
     lead = batch["tokens"].shape[0]
-    batch["ref_logps"] = np.full((lead, 4, 2) if layout == "packed" else (lead, 2), -50.0,
-                                 np.float32)
+    shape = (lead, 2) if layout == "padded" else batch["pair_mask"].shape + (2,)
+    batch["ref_logps"] = np.full(shape, -50.0, np.float32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     head = tasks.HeadOptions(args.chunk, args.logps_implementation)
     t_obj = tasks.make_task(task, model_cfg=cfg, layout=layout, loss_config=loss_cfg,
@@ -207,6 +243,10 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
             "devices": jax.device_count()}
   step_s = statistics.median(times)
   real = int((batch["segment_ids"] > 0).sum())
+  # Tokens of the pairs as padded rows hold them (both sequences in full, TRL's count): a
+  # prompt-shared row holds each prompt but its last token once.
+  pair_tokens = real + (int(((batch["segment_ids"] > 0) & (batch["branch_ids"] == 0)).sum())
+                        if "branch_ids" in batch else 0)
   n_params = models.count_params(params)
   attn_fwd = attention_flops(cfg, sum_sq_segment_lengths(batch["segment_ids"]))
   # The vocabulary head counts only where a log-prob is needed (no LM head for a reward model).
@@ -221,11 +261,13 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
                 "mfu_adjacent_range": [_sig(min(per_step)), _sig(max(per_step))],
                 "peak_flops_adjacent": [round(x) for x in peaks]}
   return {"preset": args.preset, "task": name, "layout": layout, "dtype": args.dtype,
+          "data": args.data, "batch_shape": list(batch["tokens"].shape),
           "batch_pairs": args.batch, "rows": int(batch["tokens"].shape[0]),
           "padded_tokens": int(batch["tokens"].size), "real_tokens": real,
           "params": n_params, "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
           "step_s_min": round(min(times), 4), "step_times_s": [_sig(t) for t in times],
-          "real_tokens_per_s": round(real / step_s, 1),
+          "real_tokens_per_s": round(real / step_s, 1), "pair_tokens": pair_tokens,
+          "pair_tokens_per_s": round(pair_tokens / step_s, 1),
           "model_tflops_per_step": round(flops / 1e12, 4), "model_flops_per_step": flops,
           "mfu": _sig(flops / step_s / args.peak_flops),
           "mfu_dense": round(dense / step_s / args.peak_flops, 4),
@@ -251,7 +293,10 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description="prefjax train-step benchmark (JSON lines)")
   p.add_argument("--preset", default="bench_46m")
   p.add_argument("--tasks", default="dpo,dpo_precomputed,simpo,reward")
-  p.add_argument("--layouts", default="padded,packed")
+  p.add_argument("--layouts", default="padded,packed",
+                 help="comma-separated, of " + ", ".join(LAYOUTS))
+  p.add_argument("--data", default="synthetic", choices=["synthetic", "hh"],
+                 help="synthetic pairs, or the shipped HH-RLHF pairs (helpful-base test split)")
   p.add_argument("--batch", type=int, default=8, help="pairs per step")
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--min-response", type=int, default=64)
@@ -285,6 +330,12 @@ def main(argv=None) -> int:
                  help="trace the last timed step with jax.profiler into this directory "
                       "(summarise with benchmarks/profile_summary.py)")
   args = p.parse_args(argv)
+  bad = [x for x in args.layouts.split(",") if x not in LAYOUTS]
+  if bad:
+    p.error(f"--layouts: {', '.join(bad)} not among {', '.join(LAYOUTS)}")
+  bad = [x for x in args.tasks.split(",") if x not in TASKS]
+  if bad:
+    p.error(f"--tasks: {', '.join(bad)} not among {', '.join(TASKS)}")
   if args.profile_dir:  # the optimised HLO beside the trace, for benchmarks/profile_summary.py
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_dump_to="
                                         + os.path.join(args.profile_dir, "hlo"),

@@ -334,3 +334,40 @@ def test_profile_summary_reads_a_traced_tiny_step(tmp_path):
   s = _run([str(BENCH / "profile_summary.py"), str(out), "--json"], timeout=300)
   assert s["op_ms"] > 0 and s["ops"]
   assert "mlp" in s["parts"] and s["parts"]["mlp"]["gflop"] > 0
+
+
+def test_train_step_layouts_of_the_same_hh_pairs_agree():
+  """--data hh: the shipped HH-RLHF pairs as padded pairs, packed rows and prompt-shared rows
+  give the same first-step loss (one layer of bench_46m, 3 pairs; reward and DPO), and the
+  prompt-shared rows hold fewer slots while counting the same pair tokens."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  out = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--preset", "bench_46m",
+                        "--layers", "1", "--batch", "3", "--prompt-len", "16",
+                        "--min-response", "8", "--max-response", "24", "--steps", "1",
+                        "--warmup", "0", "--peak-flops", "1e11", "--data", "hh", "--tasks",
+                        "reward,dpo", "--layouts", "padded,packed,prompt_shared"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = {(d["task"], d["layout"]): d for d in map(json.loads, out.stdout.strip().splitlines())}
+  assert len(res) == 6 and all(d["data"] == "hh" for d in res.values())
+  for task in ("reward", "dpo"):
+    pad, packed, shared = (res[task, x] for x in ("padded", "packed", "prompt_shared"))
+    np.testing.assert_allclose(packed["loss"], pad["loss"], rtol=1e-4)
+    np.testing.assert_allclose(shared["loss"], pad["loss"], rtol=1e-4)
+    assert pad["batch_shape"] == [3, 2, 40]
+    assert shared["pair_tokens"] == packed["real_tokens"] == pad["real_tokens"]
+    assert shared["real_tokens"] < packed["real_tokens"]
+
+
+def test_train_step_rejects_unknown_layouts_and_small_vocab_for_hh():
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  bad = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--layouts",
+                        "padded,zigzag"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 2 and "zigzag" in bad.stderr and "prompt_shared" in bad.stderr
+  small = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--data", "hh",
+                          "--tasks", "reward", "--layouts", "padded", "--peak-flops", "1e11"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert small.returncode != 0 and "vocabulary" in small.stderr and "Traceback" not in small.stderr
