@@ -24,7 +24,8 @@ def _load(name: str):
   return mod
 
 
-def _run(args: list[str], timeout: float, one_device: bool = False) -> dict:
+def _run_stdout_lines(args: list[str], timeout: float, one_device: bool = False) -> list[str]:
+  """The stdout lines of a benchmark script (it must exit 0)."""
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   if one_device:  # drop conftest's 8 fake host devices (train_step.py --tiny runs 4 pairs)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -32,7 +33,12 @@ def _run(args: list[str], timeout: float, one_device: bool = False) -> dict:
   out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return out.stdout.strip().splitlines()
+
+
+def _run(args: list[str], timeout: float, one_device: bool = False) -> dict:
+  """The last stdout line of a benchmark script, as JSON."""
+  return json.loads(_run_stdout_lines(args, timeout, one_device)[-1])
 
 
 def test_peak_tiny_prints_json():
@@ -341,17 +347,13 @@ def test_train_step_layouts_of_the_same_hh_pairs_agree():
   first-step loss (one layer of bench_46m, 3 pairs; reward and DPO; packed rows against padded
   ones: tests/train/test_tasks.py), and the prompt-shared rows hold fewer slots while counting
   the same pair tokens."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  out = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--preset", "bench_46m",
-                        "--layers", "1", "--batch", "3", "--prompt-len", "16",
-                        "--min-response", "8", "--max-response", "24", "--steps", "1",
-                        "--warmup", "0", "--peak-flops", "1e11", "--data", "hh", "--tasks",
-                        "reward,dpo", "--layouts", "padded,prompt_shared"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  res = {(d["task"], d["layout"]): d for d in map(json.loads, out.stdout.strip().splitlines())}
+  lines = _run_stdout_lines([str(BENCH / "train_step.py"), "--preset", "bench_46m", "--layers", "1",
+                             "--batch", "3", "--prompt-len", "16", "--min-response", "8",
+                             "--max-response", "24", "--steps", "1", "--warmup", "0",
+                             "--peak-flops", "1e11", "--data", "hh", "--tasks", "reward,dpo",
+                             "--layouts", "padded,prompt_shared"], timeout=900,
+                            one_device=True)
+  res = {(d["task"], d["layout"]): d for d in map(json.loads, lines)}
   assert len(res) == 4 and all(d["data"] == "hh" for d in res.values())
   for task in ("reward", "dpo"):
     pad, shared = res[task, "padded"], res[task, "prompt_shared"]

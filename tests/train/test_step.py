@@ -108,7 +108,7 @@ def test_reward_task_sharded_2x2x2_equals_single_device():
 
 
 def _one_step(batch, mesh):
-  """(state before, state after, metrics, tx) of one jitted step on `batch`, all on the host."""
+  """(state before, state after, metrics) of one jitted step on `batch`, all on the host."""
   import flax.linen as nn
   from prefjax import sharding as sharding_lib
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding_lib.LOGICAL_AXIS_RULES)):
