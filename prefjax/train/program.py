@@ -1,0 +1,130 @@
+"""The jitted programs of a training run, built from the config and a mesh.
+
+`build(...)` is the one place that turns `config` + mesh + model config into the optimizer,
+the task (loss over the batch layout), the train-state shardings and the jitted train step,
+eval step, reference pass and diagnostics. The training loop runs them on real arrays;
+`prefjax.aot` lowers and compiles the very same functions on abstract arrays for a TPU
+topology, so what it reports is what `prefjax.main` would run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from prefjax import models
+from prefjax.train import builders
+from prefjax.train import evaluate as eval_lib
+from prefjax.train import optimizer as optim_lib
+from prefjax.train import reference as ref_lib
+from prefjax.train import state as state_lib
+from prefjax.train import step as step_lib
+from prefjax.train import tasks as tasks_lib
+from prefjax.train import data_io
+
+
+def ref_mode(config: Any) -> str:
+  """`reference.mode` for the tasks that have a reference (preference, kto), else "none"."""
+  return config.reference.mode if config.task in ("preference", "kto") else "none"
+
+
+def head_options(config: Any, kernels: models.Kernels) -> tasks_lib.HeadOptions:
+  """How the vocabulary head computes log-probs (`train.logps_*` keys, the implementation
+  from `kernels.logps_implementation`)."""
+  t = config.train
+  return tasks_lib.HeadOptions(
+      int(t.logps_chunk_size), kernels.logps_implementation,
+      bool(t.get("logps_compact", True)), int(t.get("logps_compact_chunk_size", 512)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """Everything a run jits, for one config on one mesh.
+
+  Attributes:
+    ref_mode: model | precomputed | none.
+    layout: the batch layout the task reads (data_io.layout).
+    model_cfg: the model trained.
+    kernels: how every program computes (`builders.kernels_for_mesh`: the mesh platform's
+      defaults with the `config.kernels.*` keys that are set).
+    param_sh / abstract_params: parameter shardings and `ShapeDtypeStruct`s carrying them.
+    tx / schedule: the optax optimizer and its learning-rate schedule.
+    task: the loss over the layout.
+    state_sh: `TrainState` of shardings (reference params included when ref_mode=model).
+  """
+  config: Any
+  mesh: Mesh
+  ref_mode: str
+  layout: str
+  head: tasks_lib.HeadOptions
+  model_cfg: Any
+  kernels: models.Kernels
+  param_sh: Any
+  abstract_params: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  task: tasks_lib.Task
+  state_sh: state_lib.TrainState
+
+  @property
+  def has_ref_params(self) -> bool:
+    return self.ref_mode == "model"
+
+  def abstract_state(self) -> state_lib.TrainState:
+    """The train state as `ShapeDtypeStruct`s with their target shardings."""
+    return state_lib.abstract_state(self.tx, self.abstract_params, self.state_sh,
+                                    self.has_ref_params)
+
+  def train_step(self, batch_sh: Any) -> Callable:
+    """Jitted `(state, batch) -> (state, metrics)`, state donated."""
+    return step_lib.jit_train_step(
+        self.task, self.tx, self.schedule, self.state_sh, batch_sh, self.mesh,
+        accum_steps=int(self.config.optim.grad_accum_steps), kernels=self.kernels)
+
+  def eval_step(self, batch_sh: Any) -> Callable:
+    """Jitted `(params, ref_params, batch) -> stats`."""
+    ref_sh = self.param_sh if self.has_ref_params else None
+    return step_lib.jit_eval_step(self.task, self.param_sh, ref_sh, batch_sh, self.mesh,
+                                  kernels=self.kernels)
+
+  def diagnostics(self, batch_sh: Any) -> Optional[Callable]:
+    """Jitted eval diagnostics (KL, top-k entropy / mass), or None when the run has none."""
+    c = self.config
+    if self.config.task not in ("preference", "sft") or not c.eval.get("diagnostics", True):
+      return None
+    ref_sh = self.param_sh if self.has_ref_params else None
+    return eval_lib.jit_diagnostics(self.model_cfg, self.layout, self.param_sh, ref_sh,
+                                    batch_sh, self.mesh, int(c.eval.get("topk", 10)),
+                                    int(c.train.logps_chunk_size), self.kernels)
+
+  def reference_pass(self) -> Optional[Callable]:
+    """Jitted `(ref_params, batch) -> reference log-probs` (ref_mode=precomputed), or None."""
+    if self.ref_mode != "precomputed":
+      return None
+    return ref_lib.make_ref_fn(self.model_cfg, self.layout, self.head, self.param_sh,
+                               self.mesh, self.kernels)
+
+
+def abstract_params(model_cfg: Any, param_sh: Any) -> Any:
+  return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                      models.abstract_params(model_cfg), param_sh)
+
+
+def build(config: Any, mesh: Mesh, rules: Any, model_cfg: Any, total_steps: int) -> Programs:
+  """The run's programs (call inside `jax.set_mesh(mesh)` and the logical axis rules)."""
+  mode = ref_mode(config)
+  layout = data_io.layout(config)
+  kernels = builders.kernels_for_mesh(config, mesh)
+  head = head_options(config, kernels)
+  param_sh = models.param_shardings(model_cfg, mesh, rules)
+  abstract = abstract_params(model_cfg, param_sh)
+  tx, schedule = optim_lib.make_optimizer(config.optim, total_steps)
+  task = tasks_lib.make_task(config.task, model_cfg=model_cfg, layout=layout,
+                             loss_config=config.loss, ref_mode=mode, chunk_size=head,
+                             kernels=kernels)
+  state_sh = state_lib.state_shardings(tx, abstract, param_sh, mesh, mode == "model")
+  return Programs(config, mesh, mode, layout, head, model_cfg, kernels, param_sh, abstract, tx,
+                  schedule, task, state_sh)
