@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1  # pure data-parallel axis
   c.mesh.fsdp = -1  # FSDP axis (-1: all remaining devices)
   c.mesh.tensor = 1  # tensor-parallel axis
+  c.dcn_mesh = ml_collections.ConfigDict()  # multi-slice: axis sizes ACROSS slices (over DCN)
+  c.dcn_mesh.data = 1  # slices doing data parallelism (the usual multi-slice split)
+  c.dcn_mesh.fsdp = 1  # slices splitting FSDP shards
+  c.dcn_mesh.tensor = 1  # slices splitting tensor shards (rarely useful over DCN)
   c.sharding_rules = ()  # ((logical_axis, mesh_axes), ...) overriding sharding.LOGICAL_AXIS_RULES
 
   c.distributed = ml_collections.ConfigDict()
@@ -113,18 +117,27 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.logps_chunk_size = 128  # positions per chunk of the vocabulary head
-  c.train.logps_implementation = placeholder(str)  # custom_vjp | saved_logits | checkpoint | None: ops default
   # Vocabulary head only at loss positions (prompt / padding dropped first; ~1.9x less head
   # work on HH-shaped pairs), in chunks of this many compacted positions per batch shard.
   c.train.logps_compact = True
   c.train.logps_compact_chunk_size = 512
-  c.train.cpu_scheduler = "memory_optimized"  # XLA:CPU step scheduling: memory_optimized | concurrency_optimized | xla_default
   c.train.skip_nonfinite = False  # skip NaN/inf steps instead of stopping
   # JAX persistent compilation cache: a re-run / resume with the same shapes skips XLA
   # compilation (None: off; e.g. ~/.cache/prefjax/xla, or a bucket path on TPU VMs).
   c.train.compilation_cache_dir = placeholder(str)
   c.train.debug_signal_at_step = 0  # testing: send debug_signal to this process after step N (0 off)
   c.train.debug_signal = "SIGKILL"  # testing: SIGKILL (crash) or SIGTERM (preemption)
+
+  # How the model and the step are computed (prefjax.models.Kernels): every key None = the
+  # default of the platform the mesh's devices are (Kernels.for_platform: CPU query / causal
+  # blocks 256 and the memory-optimised scheduler; TPU splash attention, no CPU kernel).
+  c.kernels = ml_collections.ConfigDict()
+  c.kernels.attention = placeholder(str)  # xla | splash (Pallas TPU, self-attention)
+  c.kernels.attention_query_block = placeholder(int)  # rematerialised query blocks (0: off; CPU 256)
+  c.kernels.attention_causal_block = placeholder(int)  # causal query blocks skip later keys (0: off; CPU 256)
+  c.kernels.attention_key_tile = placeholder(int)  # per-row key windows of packed rows (0: off; e.g. 64)
+  c.kernels.logps_implementation = placeholder(str)  # vocabulary head: custom_vjp | saved_logits | checkpoint
+  c.kernels.cpu_scheduler = placeholder(str)  # XLA:CPU: memory_optimized | concurrency_optimized | xla_default
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 500  # save every N steps (and at the end / on SIGTERM)

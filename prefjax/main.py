@@ -18,6 +18,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from prefjax import flag_parsing
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file (configs/NAME.py[:ARG]); override keys with --config.a.b=v.",
     lock_config=True)
@@ -132,21 +134,6 @@ def _maybe_enable_compilation_cache(config) -> None:
   logging.info("persistent compilation cache: %s", path)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """Flag parsing that reports errors (e.g. an unknown --config key) in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these for an override of a key the (locked) config lacks.
-    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    detail = str(e).encode().decode("unicode_escape").replace("\n", " ")
-    detail = detail.replace("'", "").strip('" ')
-    print(f"error: bad config override among {bad}: {detail}", file=sys.stderr)
-  sys.exit(2)
-
-
 def run() -> None:
   """Entry point (`python -m prefjax.main`).
 
@@ -155,7 +142,7 @@ def run() -> None:
   """
   from prefjax import host_env  # pylint: disable=g-import-not-at-top
   host_env.reexec_with_tuned_malloc()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=flag_parsing.parse_flags)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def _compile_only_environment() -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Several compile-only processes may share a machine (libtpu otherwise takes a lockfile).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
 

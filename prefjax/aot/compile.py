@@ -173,9 +173,7 @@ def compile_recipe(config: Any, topo: Topology, *, programs: tuple[str, ...] = P
   num_processes = len({d.process_index for d in devices})
   validation.validate(config, num_devices=len(devices), num_processes=num_processes)
   jax.config.update("jax_threefry_partitionable", True)
-  dcn = dict(config.get("dcn_mesh") or {}) or None
-  mesh = sharding_lib.make_mesh(dict(config.mesh), devices=devices, dcn_mesh_config=dcn)
-  rules = sharding_lib.rules_from_config(config.get("sharding_rules") or None)
+  mesh, rules = builders.make_mesh(config, devices)
   model_cfg, note = _model_config(config)
   steps = int(config.get("total_steps") or 0) or _NOMINAL_STEPS
   report: dict[str, Any] = {

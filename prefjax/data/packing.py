@@ -56,9 +56,11 @@ def pack(ds: grain.IterDataset, *, length: int, num_bins: int, max_pairs_per_row
 
 
 def collate_rows(rows: Sequence[dict], *, num_rows: int, max_pairs_per_row: int,
-                 shared: bool) -> dict:
-  """Stacks packed rows into [R, L] arrays (+ pair_mask [R, S]); missing rows are padding."""
-  length = len(rows[0]["tokens"])
+                 shared: bool, length: int | None = None) -> dict:
+  """Stacks packed rows into [R, L] arrays (+ pair_mask [R, S]); missing rows are padding.
+
+  `length` is read off the first row; give it when `rows` may be empty."""
+  length = len(rows[0]["tokens"]) if rows else int(length)
   out = {k: np.zeros((num_rows, length), np.float32 if k == "loss_mask" else np.int32)
          for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
   if shared:

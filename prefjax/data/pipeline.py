@@ -181,6 +181,38 @@ def _apply_layout(ds: grain.IterDataset, s: Settings, batch: int, has_margin: bo
   return ds.batch(batch, drop_remainder=train, batch_fn=fn)
 
 
+def batch_shapes(data_config: Any, *, split: str = "train", process_count: int = 1,
+                 has_margin: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """`{key: (shape, dtype)}` of one GLOBAL batch of `split` as `make_pipeline` yields it
+  (its local batches stacked over `process_count` processes), without reading any data.
+
+  Built by collating an empty batch with the same functions the pipeline uses, so the two
+  cannot drift apart. Used to compile the train step ahead of time (`prefjax.aot`).
+
+  Raises:
+    ValueError: the layout / kind / sizes are invalid, or the global batch is not a
+      multiple of `process_count` (as `make_pipeline` would on that many hosts).
+  """
+  s = Settings.from_config(data_config)
+  g = functools.partial(config_lib.get, data_config)
+  train = split == "train"
+  global_batch = int(g("batch_size") if train else (g("eval_batch_size") or g("batch_size")))
+  local = _local_batch(global_batch, process_count)
+  if s.layout in ("packed", "prompt_shared"):
+    out = packing.collate_rows([], num_rows=local, max_pairs_per_row=s.max_pairs_per_row,
+                               shared=s.layout == "prompt_shared", length=s.limits.max_len)
+  else:
+    common = dict(batch=local, length=s.limits.max_len, eval_mask=not train)
+    out = {
+        "pairs": functools.partial(layouts.collate_pairs, has_margin=has_margin, **common),
+        "sft": functools.partial(layouts.collate_sft, **common),
+        "unpaired": functools.partial(layouts.collate_unpaired, **common),
+        "rankings": functools.partial(layouts.collate_rankings, num_responses=s.max_responses,
+                                      has_margin=has_margin, **common),
+    }[s.kind]([])
+  return {k: ((v.shape[0] * process_count,) + v.shape[1:], v.dtype) for k, v in out.items()}
+
+
 def _as_tokenizer(tokenizer: Tokenizer | str | None, cfg: Any) -> Tokenizer:
   if isinstance(tokenizer, Tokenizer):
     return tokenizer

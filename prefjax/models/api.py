@@ -1,6 +1,8 @@
 """Functional entry points over a plain params pytree (docs/internals.md, `prefjax.models`).
 
 `params` is the content of the Linen `params` collection (no `{"params": ...}` wrapper).
+Everything that applies the model takes `kernels: Kernels | None` (None: the defaults of
+`jax.default_backend()`'s platform, `Kernels.for_platform`); the params never depend on it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from jax.sharding import Mesh
 
 from prefjax import sharding
 from prefjax.models.config import ModelConfig
+from prefjax.models.kernels import Kernels, default_kernels
 from prefjax.models.transformer import (ReadoutLayer, Transformer, attention_mask,
                                        positions_from_segments)
 
@@ -34,18 +37,19 @@ def _as_key(rng: Any) -> jax.Array:
 def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:
   """Linen init returning params still boxed in `nn.LogicallyPartitioned`."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(cfg).init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))["params"]
+  # Plain XLA kernels: the params do not depend on them, and no platform kernel is traced.
+  return Transformer(cfg, Kernels()).init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))["params"]
 
 
 def logical_specs(cfg: ModelConfig) -> Any:
   """Pytree of logical `PartitionSpec`s (e.g. P('vocab', 'embed')) matching the params."""
-  boxed = jax.eval_shape(lambda r: _boxed_init(cfg, r), jax.random.key(0))
+  boxed = jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
   return nn.get_partition_spec(boxed)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
   """Pytree of `jax.ShapeDtypeStruct`, same structure as the params (no allocation)."""
-  return jax.eval_shape(lambda r: nn.meta.unbox(_boxed_init(cfg, r)), jax.random.key(0))
+  return jax.eval_shape(lambda: nn.meta.unbox(_boxed_init(cfg, jax.random.key(0))))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh,
@@ -113,7 +117,8 @@ def split_last_layer(cfg: ModelConfig, params: Params
 def forward_hidden(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
                    segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
                    branch_ids: jax.Array | None = None,
-                   readout: jax.Array | None = None) -> jax.Array:
+                   readout: jax.Array | None = None,
+                   kernels: Kernels | None = None) -> jax.Array:
   """tokens [B, T] -> hidden states [B, T, D] after the final norm (cfg.dtype).
 
   Defaults: segment_ids all 1; positions restart at every segment (and, with `branch_ids`,
@@ -124,22 +129,24 @@ def forward_hidden(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
     those slots (its keys and values still from all T): exactly the gathered full forward,
     for about 1/num_layers less work. When the last layer sits inside a scanned multi-layer
     pattern the full forward is gathered instead.
+  kernels: how attention is computed (None: `Kernels.for_platform(jax.default_backend())`).
   """
+  kernels = default_kernels(kernels)
   segment_ids, positions = _inputs(tokens, segment_ids, positions, branch_ids)
   if branch_ids is not None:
     branch_ids = jnp.asarray(branch_ids, jnp.int32)
   tokens = jnp.asarray(tokens, jnp.int32)
   split = None if readout is None else split_last_layer(cfg, params)
   if split is None:
-    hidden, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
-                                       branch_ids)
+    hidden, _ = Transformer(cfg, kernels).apply({"params": params}, tokens, positions,
+                                                segment_ids, branch_ids)
     if readout is None:
       return hidden
     return jnp.take_along_axis(hidden, jnp.asarray(readout, jnp.int32)[..., None], axis=1)
   trunk_cfg, trunk_params, last = split
-  x, _ = Transformer(trunk_cfg).apply({"params": trunk_params}, tokens, positions, segment_ids,
-                                      branch_ids, None, False)
-  return ReadoutLayer(cfg, cfg.layer_types[-1]).apply(
+  x, _ = Transformer(trunk_cfg, kernels).apply({"params": trunk_params}, tokens, positions,
+                                               segment_ids, branch_ids, None, False)
+  return ReadoutLayer(cfg, cfg.layer_types[-1], kernels).apply(
       {"params": {"last": last, "final_norm": params["final_norm"]}}, x, positions,
       segment_ids, branch_ids, jnp.asarray(readout, jnp.int32))
 
@@ -165,10 +172,14 @@ def logits_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array) -> j
 
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
             segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-            branch_ids: jax.Array | None = None) -> jax.Array:
-  """tokens [B, T] int32 -> float32 logits [B, T, V] (materialises [B,T,V]: small vocab / eval)."""
+            branch_ids: jax.Array | None = None,
+            kernels: Kernels | None = None) -> jax.Array:
+  """tokens [B, T] int32 -> float32 logits [B, T, V] (materialises [B,T,V]: small vocab / eval).
+
+  kernels: how attention is computed (None: `Kernels.for_platform(jax.default_backend())`).
+  """
   hidden = forward_hidden(cfg, params, tokens, segment_ids=segment_ids, positions=positions,
-                          branch_ids=branch_ids)
+                          branch_ids=branch_ids, kernels=kernels)
   return logits_from_hidden(cfg, params, hidden)
 
 

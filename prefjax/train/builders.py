@@ -45,12 +45,35 @@ def maybe_initialize_distributed(dist: Any) -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(config: Any) -> tuple[Mesh, tuple]:
-  """The (data, fsdp, tensor) mesh and the logical-axis rules from the config."""
-  mesh = sharding_lib.make_mesh(dict(config.mesh),
-                                dcn_mesh_config=dict(config.get("dcn_mesh") or {}) or None)
+def make_mesh(config: Any, devices: Optional[Any] = None) -> tuple[Mesh, tuple]:
+  """The (data, fsdp, tensor) mesh and the logical-axis rules from the config.
+
+  `mesh.*` sizes the axes within a slice (ICI); `dcn_mesh.*`, when its product is above 1,
+  across slices (multi-slice over DCN). `devices`: default `jax.devices()` (`prefjax.aot`
+  passes a TPU topology's compile-only devices)."""
+  dcn = {k: int(v) for k, v in dict(config.get("dcn_mesh") or {}).items()}
+  mesh = sharding_lib.make_mesh(dict(config.mesh), devices=devices,
+                                dcn_mesh_config=dcn if np.prod(list(dcn.values()) or [1]) > 1
+                                else None)
   rules = sharding_lib.rules_from_config(config.get("sharding_rules") or None)
   return mesh, rules
+
+
+def kernels_from_config(config: Any, platform: str) -> models.Kernels:
+  """The run's `models.Kernels`: `platform`'s defaults (`Kernels.for_platform`) with every
+  `config.kernels.*` key that is set (None: the platform's default).
+
+  `platform` is that of the devices the program is compiled for (`kernels_for_mesh`), not
+  `jax.default_backend()`: an AOT compile for a TPU topology runs on a CPU host.
+  """
+  section = config.get("kernels") or {}
+  overrides = {k: v for k, v in dict(section).items() if v is not None}
+  return models.Kernels.for_platform(platform, **overrides)
+
+
+def kernels_for_mesh(config: Any, mesh: Mesh) -> models.Kernels:
+  """`kernels_from_config` for the platform of `mesh`'s devices."""
+  return kernels_from_config(config, mesh.devices.flat[0].platform)
 
 
 def model_config(model: Any, *, task: str, base: Optional[Any] = None) -> Any:

@@ -84,15 +84,21 @@ def _validate_loss(config: Any) -> None:
              f"bradley_terry; it takes {list(_TASK_LOSS_KEYS['reward'][:2])}")
 
 
-def _validate_batch(config: Any) -> None:
+def _validate_batch(config: Any, num_devices: int, procs: int) -> None:
+  dcn = {k: int(v) for k, v in dict(config.get("dcn_mesh") or {}).items()}
+  slices = 1
+  for v in dcn.values():
+    _check(v >= 1, f"config.dcn_mesh={dcn}: sizes must be >= 1")
+    slices *= v
+  _check(num_devices % slices == 0, f"config.dcn_mesh={dcn} asks for {slices} slices, which "
+         f"do not divide the {num_devices} devices")
   try:
-    shape = sharding_lib.resolve_mesh_shape(dict(config.mesh), jax.device_count())
+    shape = sharding_lib.resolve_mesh_shape(dict(config.mesh), num_devices // slices)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
-  shards = shape[0] * shape[1]
+  shards = shape[0] * shape[1] * dcn.get("data", 1) * dcn.get("fsdp", 1)
   bs, accum = int(config.data.batch_size), int(config.optim.grad_accum_steps)
   _check(accum >= 1, f"config.optim.grad_accum_steps={accum} must be >= 1")
-  procs = jax.process_count()
   _check(bs > 0 and bs % procs == 0, f"config.data.batch_size={bs} must be a positive multiple "
          f"of the number of processes ({procs})")
   _check(bs % (accum * shards) == 0,
@@ -104,11 +110,30 @@ def _validate_batch(config: Any) -> None:
          f"and {procs} processes")
 
 
-def validate(config: Any) -> None:
-  """Raises ConfigError naming the key for configs that cannot run."""
+def _validate_kernels(config: Any) -> None:
+  """`config.kernels.*`: known names and sizes (checked against the CPU defaults; the platform
+  itself is only known once the mesh exists)."""
+  from prefjax.train import builders  # pylint: disable=import-outside-toplevel
+  train = config.get("train") or {}
+  for key in ("cpu_scheduler", "logps_implementation"):
+    _check(key not in train, f"config.train.{key} is now config.kernels.{key}")
+  try:
+    builders.kernels_from_config(config, "cpu")
+  except ValueError as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("kernels.") else
+                      f"config.kernels: {e}") from None
+
+
+def validate(config: Any, *, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
+  """Raises ConfigError naming the key for configs that cannot run.
+
+  `num_devices` / `num_processes` describe the job the config will run on (default: this
+  one's; `prefjax.aot` passes the TPU topology's)."""
   task = config.get("task")
   known = TRAIN_TASKS + OTHER_TASKS + FUTURE_TASKS
   _check(task in known, f"unknown config.task {task!r}; tasks: {', '.join(known)}")
+  _validate_kernels(config)
   if task in OTHER_TASKS or task in FUTURE_TASKS:
     return  # export / eval / generate / iterative DPO check their own keys
   _check(int(config.get("total_steps") or 0) > 0 or float(config.get("num_epochs") or 0) > 0,
@@ -126,14 +151,6 @@ def validate(config: Any) -> None:
          f"config.ckpt.best_metric={best!r} must name an eval metric (eval/...)")
   _check(int(config.ckpt.keep) >= 1, "config.ckpt.keep must be >= 1")
   _check(int(config.log.every_steps) >= 1, "config.log.every_steps must be >= 1")
-  from prefjax.train.step import CPU_SCHEDULERS  # pylint: disable=import-outside-toplevel
-  sched = config.train.get("cpu_scheduler", "memory_optimized")
-  _check(sched in CPU_SCHEDULERS,
-         f"config.train.cpu_scheduler={sched!r}; expected {' | '.join(CPU_SCHEDULERS)}")
-  from prefjax.ops.logprobs import IMPLEMENTATIONS  # pylint: disable=import-outside-toplevel
-  impl = config.train.get("logps_implementation")
-  _check(impl is None or impl in IMPLEMENTATIONS,
-         f"config.train.logps_implementation={impl!r}; expected {' | '.join(IMPLEMENTATIONS)} "
-         "(or unset: custom_vjp)")
   _validate_loss(config)
-  _validate_batch(config)
+  _validate_batch(config, jax.device_count() if num_devices is None else num_devices,
+                  jax.process_count() if num_processes is None else num_processes)
