@@ -117,14 +117,14 @@ class Spec:
   # prefjax's own settings (same gradients; docs/performance.md "CPU scheduler, scan"):
   prefjax_scan_layers: bool = True  # ModelConfig.scan_layers
   prefjax_remat: str = "none"  # ModelConfig.remat: none | full | save_dots
-  # ModelConfig.attention_causal_block: "auto" (`causal_block_for`), "default" (the model's,
-  # 256) or a number of query slots
+  # Kernels.attention_causal_block: "auto" (`causal_block_for`), "default" (the platform's,
+  # 256 on CPU) or a number of query slots
   prefjax_causal_block: str = "auto"
-  # ModelConfig.attention_key_tile (per-row key windows of packed rows longer than the query
-  # block; 0: off, the library default); -1: the model's
+  # Kernels.attention_key_tile (per-row key windows of packed rows longer than the query
+  # block; 0: off, the library default); -1: the platform's
   prefjax_key_tile: int = 64
-  prefjax_cpu_scheduler: str = "memory_optimized"  # config.train.cpu_scheduler
-  # config.train.logps_implementation of the DPO configs; "auto": `logps_implementation_for`
+  prefjax_cpu_scheduler: str = "memory_optimized"  # Kernels.cpu_scheduler
+  # Kernels.logps_implementation of the DPO configs; "auto": `logps_implementation_for`
   prefjax_logps_implementation: str = "auto"
 
   @property
@@ -585,7 +585,8 @@ EQUAL_WORK_CONFIG = "dpo_ref"
 
 
 def logps_implementation_for(config: str, choice: str = "auto") -> str:
-  """`config.train.logps_implementation` of a prefjax DPO configuration.
+  """`Kernels.logps_implementation` (`config.kernels.logps_implementation`) of a prefjax DPO
+  configuration.
 
   "auto": "custom_vjp" (4 head matmuls, no saved logits) for the equal-work `dpo_ref`, and
   "saved_logits" (3 head matmuls; the response positions' float32 logits, 4 B x V each, kept
@@ -606,10 +607,10 @@ SHORT_CAUSAL_BLOCK = 128
 
 
 def causal_block_for(config: str, choice: str | int = "auto") -> Optional[int]:
-  """`ModelConfig.attention_causal_block` of a prefjax configuration (None: the model default).
+  """`Kernels.attention_causal_block` of a prefjax configuration (None: the platform default).
 
   "auto": `SHORT_CAUSAL_BLOCK` for every configuration but `EQUAL_WORK_CONFIG`, which keeps
-  the default; "default" (or -1): the model default everywhere; a number >= 0 applies to every
+  the default; "default" (or -1): the platform default everywhere; a number >= 0 applies to every
   configuration (0: no causal block skipping).
   """
   choice = str(choice).strip().lower()
@@ -634,7 +635,7 @@ def _key_tile_arg(text: str) -> int:
     value = -2
   if value < -1:
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected key slots per window step (>= 1), 0 (off) or -1 (the model's)")
+        f"{text!r}: expected key slots per window step (>= 1), 0 (off) or -1 (the platform's)")
   return value
 
 
@@ -695,12 +696,20 @@ class _PrefjaxWorker:
     if self.ref_mode in ("model", "precomputed"):
       _, ref_params, _ = _load_policy(os.path.join(spec.workdir, "reference"))
     import prefjax
-    block = causal_block_for(config, spec.prefjax_causal_block)
     self.cfg = self.cfg.replace(
-        scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat, dtype=spec.precision,
-        attention_causal_block=self.cfg.attention_causal_block if block is None else block,
-        attention_key_tile=(self.cfg.attention_key_tile if spec.prefjax_key_tile < 0
-                            else spec.prefjax_key_tile))
+        scan_layers=spec.prefjax_scan_layers, remat=spec.prefjax_remat, dtype=spec.precision)
+    # How prefjax computes (the platform's defaults and this run's flags), as `config.kernels.*`
+    # would set them for `python -m prefjax.main`.
+    kernel_flags = {"cpu_scheduler": spec.prefjax_cpu_scheduler}
+    block = causal_block_for(config, spec.prefjax_causal_block)
+    if block is not None:
+      kernel_flags["attention_causal_block"] = block
+    if spec.prefjax_key_tile >= 0:
+      kernel_flags["attention_key_tile"] = spec.prefjax_key_tile
+    if config not in REWARD_CONFIGS:
+      kernel_flags["logps_implementation"] = logps_implementation_for(
+          config, spec.prefjax_logps_implementation)
+    self.kernels = prefjax.models.Kernels.for_platform(jax.default_backend(), **kernel_flags)
     params = prefjax.models.stack_layers(self.cfg, params)
     if ref_params is not None:
       ref_params = prefjax.models.stack_layers(self.cfg, ref_params)
@@ -743,7 +752,7 @@ class _PrefjaxWorker:
     feats = [_pair_features(c, shared) for c in chunks]
     lengths = [[len(f["tokens"]) for f in fc] for fc in feats]
     row_len = spec.pack_row_len or auto_row_len(
-        lengths, block=self.cfg.attention_causal_block or 256,
+        lengths, block=self.kernels.attention_causal_block or 256,
         max_len=4 * (spec.prompt_len + spec.max_response))
     rows = [[[fc[i] for i in row] for row in _first_fit(ln, row_len)]
             for fc, ln in zip(feats, lengths)]
@@ -754,13 +763,13 @@ class _PrefjaxWorker:
   # -- reference log-probs (precomputed mode) --
   def _ref_logps_fn(self) -> Callable:
     import prefjax
-    cfg = self.cfg
+    cfg, kernels = self.cfg, self.kernels
     try:
       from prefjax.train import tasks as T
 
       def fn(params, batch):
         rows, seq_ids, num_seq = T.flatten_rows(batch, self.layout)
-        _, sums, _ = T.sequence_logps(cfg, params, rows, seq_ids, num_seq, 128)
+        _, sums, _ = T.sequence_logps(cfg, params, rows, seq_ids, num_seq, 128, kernels)
         return sums.reshape(-1, 2)
       return fn
     except ImportError:
@@ -783,15 +792,15 @@ class _PrefjaxWorker:
     spec = self.spec
     if self.config in REWARD_CONFIGS:
       task = make_task("reward", model_cfg=self.cfg, layout=self.layout,
-                       loss_config=_AttrDict(name="bradley_terry"))
+                       loss_config=_AttrDict(name="bradley_terry"), kernels=self.kernels)
     else:
       loss = (_AttrDict(name="simpo", beta=spec.simpo_beta, simpo_gamma=spec.simpo_gamma)
               if self.config == "simpo" else _AttrDict(name="dpo", beta=spec.beta))
-      self.logps_implementation = logps_implementation_for(
-          self.config, spec.prefjax_logps_implementation)
+      self.logps_implementation = self.kernels.logps_implementation
       task = make_task("preference", model_cfg=self.cfg, layout=self.layout, loss_config=loss,
                        ref_mode=self.ref_mode,
-                       chunk_size=HeadOptions(implementation=self.logps_implementation))
+                       chunk_size=HeadOptions(implementation=self.logps_implementation),
+                       kernels=self.kernels)
     optim = _AttrDict(learning_rate=spec.learning_rate, schedule="constant", warmup_steps=0,
                       grad_clip=spec.max_grad_norm, weight_decay=0.0, b1=0.9, b2=0.999,
                       eps=1e-8)
@@ -803,8 +812,8 @@ class _PrefjaxWorker:
     from prefjax.train.step import compiler_options
     fn = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
                  donate_argnums=0,
-                 compiler_options=compiler_options(spec.prefjax_cpu_scheduler,
-                                                   jax.device_count()))
+                 compiler_options=compiler_options(self.kernels, jax.device_count(),
+                                                   jax.default_backend()))
 
     def step(b):
       self.state, metrics = fn(self.state, b)
@@ -813,9 +822,9 @@ class _PrefjaxWorker:
     self.step = step
     self.step_kind = ("prefjax.train.train_step (make_task + make_optimizer), jit, donated; "
                       f"scan_layers={self.cfg.scan_layers}, remat={self.cfg.remat}, "
-                      f"cpu_scheduler={spec.prefjax_cpu_scheduler}, "
-                      f"attention_causal_block={self.cfg.attention_causal_block}, "
-                      f"attention_key_tile={self.cfg.attention_key_tile}"
+                      f"cpu_scheduler={self.kernels.cpu_scheduler}, "
+                      f"attention_causal_block={self.kernels.attention_causal_block}, "
+                      f"attention_key_tile={self.kernels.attention_key_tile}"
                       + (f", logps_implementation={self.logps_implementation}"
                          if self.logps_implementation else ""))
 
@@ -827,7 +836,7 @@ class _PrefjaxWorker:
     flat = {k: b[k].reshape(bsz * 2, l) for k in ("tokens", "targets", "positions",
                                                    "segment_ids", "loss_mask")}
     hidden = m.forward_hidden(self.cfg, params, flat["tokens"], segment_ids=flat["segment_ids"],
-                              positions=flat["positions"])
+                              positions=flat["positions"], kernels=self.kernels)
     tl = prefjax.ops.token_logps_from_hidden(hidden, m.unembedding(self.cfg, params),
                                              flat["targets"],
                                              logit_softcap=self.cfg.final_logit_softcap)
@@ -844,7 +853,7 @@ class _PrefjaxWorker:
       flat = {k: b[k].reshape(bsz * 2, l) for k in ("tokens", "positions", "segment_ids")}
       hidden = prefjax.models.forward_hidden(self.cfg, params, flat["tokens"],
                                              segment_ids=flat["segment_ids"],
-                                             positions=flat["positions"])
+                                             positions=flat["positions"], kernels=self.kernels)
       last = jnp.sum(flat["segment_ids"] > 0, axis=-1) - 1
       h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
       s = prefjax.models.reward_scores(self.cfg, params, h)[:, 0, 0].reshape(bsz, 2)
@@ -893,8 +902,9 @@ class _PrefjaxWorker:
               precompute_s=self.precompute_s, step_kind=self.step_kind, loader=self.loader,
               layout=self.layout, batch_shape=list(self.batches[0]["tokens"].shape),
               logps_implementation=self.logps_implementation,
-              attention_causal_block=self.cfg.attention_causal_block,
-              attention_key_tile=self.cfg.attention_key_tile,
+              attention_causal_block=self.kernels.attention_causal_block,
+              attention_key_tile=self.kernels.attention_key_tile,
+              kernels=self.kernels.to_dict(),
               versions={"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count()})
     for b in self.batches:
@@ -1228,7 +1238,7 @@ def summarize(spec: Spec, name: str, raw: dict[str, Any], counts: list[dict[str,
   })
   for k in ("precompute_s", "step_kind", "versions", "attn_implementation", "loader", "layout",
             "batch_shape", "logps_implementation", "attention_causal_block",
-            "attention_key_tile"):
+            "attention_key_tile", "kernels"):
     if k in raw.get("ready", {}):
       out[k] = raw["ready"][k]
   if steps and "logps_chosen_mean" in steps[0]:
@@ -1462,19 +1472,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="prefjax's ModelConfig.remat (default none: no recomputation, as TRL)")
   p.add_argument("--prefjax-cpu-scheduler", default="memory_optimized",
                  choices=["memory_optimized", "concurrency_optimized", "xla_default"],
-                 help="prefjax's config.train.cpu_scheduler (default memory_optimized)")
+                 help="prefjax's kernels.cpu_scheduler (default memory_optimized)")
   p.add_argument("--prefjax-causal-block", type=_causal_block_arg, default="auto",
-                 help="prefjax's ModelConfig.attention_causal_block (query slots per causal "
-                      "block; 0: none): auto (default: 128, but the model default 256 for the "
+                 help="prefjax's kernels.attention_causal_block (query slots per causal "
+                      "block; 0: none): auto (default: 128, but the CPU default 256 for the "
                       "equal-work dpo_ref), default, or a number for all; "
                       "also the packed row-length granularity of --pack-row-len 0")
   p.add_argument("--prefjax-key-tile", type=_key_tile_arg, default=64,
-                 help="prefjax's ModelConfig.attention_key_tile: key slots per window step of "
+                 help="prefjax's kernels.attention_key_tile: key slots per window step of "
                       "the per-row key windows that skip earlier segments of packed rows "
-                      "(default 64; 0: off, the library default; -1: the model's)")
+                      "(default 64; 0: off, the library default; -1: the platform's)")
   p.add_argument("--prefjax-logps-implementation", default="auto",
                  choices=["auto", "custom_vjp", "saved_logits", "checkpoint"],
-                 help="prefjax's config.train.logps_implementation for the DPO configurations "
+                 help="prefjax's kernels.logps_implementation for the DPO configurations "
                       "(default auto: custom_vjp for the equal-work dpo_ref, saved_logits for "
                       "the best-settings ones)")
   p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],

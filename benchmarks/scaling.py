@@ -66,13 +66,15 @@ def main(argv=None) -> int:
                  help="seq / batch / devices sweeps with ModelConfig.scan_layers")
   p.add_argument("--remat", default="none", help="ModelConfig.remat of those sweeps")
   p.add_argument("--cpu-scheduler", default="memory_optimized",
-                 help="config.train.cpu_scheduler of every point")
+                 help="kernels.cpu_scheduler of every point")
   p.add_argument("--attention-causal-block", type=int, default=None,
-                 help="ModelConfig.attention_causal_block of every point (default: the preset's)")
+                 help="kernels.attention_causal_block of every point (default: the platform's)")
   p.add_argument("--attention-query-block", type=int, default=None,
-                 help="ModelConfig.attention_query_block of every point (default: the preset's)")
+                 help="kernels.attention_query_block of every point (default: the platform's)")
+  p.add_argument("--attention-key-tile", type=int, default=None,
+                 help="kernels.attention_key_tile of every point (default: 0, off)")
   p.add_argument("--logps-implementation", default=None,
-                 help="config.train.logps_implementation of every point (saved_logits: no "
+                 help="kernels.logps_implementation of every point (saved_logits: no "
                       "LM-head recomputation in the backward pass)")
   p.add_argument("--peak-between-steps", action="store_true",
                  help="train_step.py --peak-between-steps at every point (adds `mfu_adjacent`)")
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     extra += ["--attention-causal-block", str(a.attention_causal_block)]
   if a.attention_query_block is not None:
     extra += ["--attention-query-block", str(a.attention_query_block)]
+  if a.attention_key_tile is not None:
+    extra += ["--attention-key-tile", str(a.attention_key_tile)]
   if a.logps_implementation:
     extra += ["--logps-implementation", a.logps_implementation]
   if a.peak_between_steps:

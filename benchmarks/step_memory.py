@@ -62,7 +62,8 @@ def _worker(workdir: str, config: str, variant: str) -> dict:
   measured = times[spec.warmup:] or times
   return {"config": config, "cpu_scheduler": scheduler, "scan_layers": scan == "1",
           "remat": remat, "median_step_s": statistics.median(measured), "step_times_s": times,
-          "losses": losses, "peak_rss_gib": _rss_gib()["VmHWM"],
+          "losses": losses, "kernels": worker.kernels.to_dict(),
+          "peak_rss_gib": _rss_gib()["VmHWM"],
           "rss_after_last_step_gib": _rss_gib()["VmRSS"], **setup,
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 

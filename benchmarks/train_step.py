@@ -183,20 +183,24 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
   extra = {"num_layers": args.layers} if args.layers else {}
   if args.scan_layers:
     extra["scan_layers"] = True
-  if args.attention_causal_block is not None:
-    extra["attention_causal_block"] = args.attention_causal_block
-  if args.attention_query_block is not None:
-    extra["attention_query_block"] = args.attention_query_block
   cfg = models.get_config(args.preset, dtype=args.dtype, remat=args.remat,
                           num_reward_heads=1 if task == "reward" else 0, **extra)
   mesh = sharding.make_mesh({"fsdp": -1})
+  # The mesh platform's kernels with the flags set (`--config.kernels.*` of prefjax.main).
+  kernel_flags = {"cpu_scheduler": args.cpu_scheduler,
+                  "attention_causal_block": args.attention_causal_block,
+                  "attention_query_block": args.attention_query_block,
+                  "attention_key_tile": args.attention_key_tile,
+                  "logps_implementation": args.logps_implementation}
+  kernels = models.Kernels.for_platform(step_lib.mesh_platform(mesh), **{
+      k: v for k, v in kernel_flags.items() if v is not None})
   rules = sharding.LOGICAL_AXIS_RULES
   loss_cfg = ml_collections.ConfigDict({"name": loss, "beta": 0.1} if task != "reward"
                                        else {"name": loss})
   optim = ml_collections.ConfigDict(dict(learning_rate=1e-5, schedule="constant",
                                          warmup_steps=0, weight_decay=0.0, grad_clip=1.0))
   if layout == "prompt_shared" or args.data != "synthetic":
-    batch = example_batch(args, cfg.vocab_size, layout, cfg.attention_causal_block)
+    batch = example_batch(args, cfg.vocab_size, layout, kernels.attention_causal_block)
   else:  # the synthetic pairs of the earlier rounds' figures
     batch = (packed_batch if layout == "packed" else padded_batch)(args, cfg.vocab_size)
   if ref_mode == "precomputed":
@@ -204,9 +208,9 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
     shape = (lead, 2) if layout == "padded" else batch["pair_mask"].shape + (2,)
     batch["ref_logps"] = np.full(shape, -50.0, np.float32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    head = tasks.HeadOptions(args.chunk, args.logps_implementation)
+    head = tasks.HeadOptions(args.chunk, kernels.logps_implementation)
     t_obj = tasks.make_task(task, model_cfg=cfg, layout=layout, loss_config=loss_cfg,
-                            ref_mode=ref_mode, chunk_size=head)
+                            ref_mode=ref_mode, chunk_size=head, kernels=kernels)
     tx, sched = optimizer.make_optimizer(optim, 1000)
     psh = models.param_shardings(cfg, mesh, rules)
     params = models.init_params(cfg, jax.random.PRNGKey(0), mesh=mesh, rules=rules)
@@ -215,7 +219,7 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
     st = state_lib.create_state(params, tx, ssh, ref, 0)
     gb = sharding.make_global_batch(batch, mesh)
     fn = step_lib.jit_train_step(t_obj, tx, sched, ssh, step_lib.batch_shardings(gb, mesh),
-                                 mesh, cpu_scheduler=args.cpu_scheduler)
+                                 mesh, kernels=kernels)
     t0 = time.perf_counter()
     compiled = fn.lower(st, gb).compile()
     compile_s = time.perf_counter() - t0
@@ -238,8 +242,8 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
       jax.profiler.stop_trace()
   if args.compile_only:
     return {"preset": args.preset, "task": name, "layout": layout, "layers": cfg.num_layers,
-            "scan_layers": cfg.scan_layers, "cpu_scheduler": args.cpu_scheduler,
-            "compile_s": round(compile_s, 3),
+            "scan_layers": cfg.scan_layers, "cpu_scheduler": kernels.cpu_scheduler,
+            "kernels": kernels.to_dict(), "compile_s": round(compile_s, 3),
             "devices": jax.device_count()}
   step_s = statistics.median(times)
   real = int((batch["segment_ids"] > 0).sum())
@@ -275,10 +279,12 @@ def bench_one(args, name: str, layout: str) -> dict[str, Any]:
           "peak_flops": args.peak_flops, "peak_measured_here": args.peak_measured_here,
           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
           "devices": jax.device_count(), "loss": float(m["loss"]),
-          "scan_layers": cfg.scan_layers, "remat": cfg.remat, "cpu_scheduler": args.cpu_scheduler,
-          "logps_implementation": args.logps_implementation or "custom_vjp",
-          "attention_causal_block": cfg.attention_causal_block,
-          "attention_query_block": cfg.attention_query_block,
+          "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+          "cpu_scheduler": kernels.cpu_scheduler,
+          "logps_implementation": kernels.logps_implementation or "custom_vjp",
+          "attention_causal_block": kernels.attention_causal_block,
+          "attention_query_block": kernels.attention_query_block,
+          "attention_key_tile": kernels.attention_key_tile, "kernels": kernels.to_dict(),
           "xla_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **adjacent}
 
@@ -314,14 +320,19 @@ def main(argv=None) -> int:
   p.add_argument("--compile-only", action="store_true", help="only lower + compile the step")
   p.add_argument("--cpu-scheduler", default="memory_optimized",
                  choices=["memory_optimized", "concurrency_optimized", "xla_default"],
-                 help="config.train.cpu_scheduler (XLA:CPU instruction scheduler)")
+                 help="kernels.cpu_scheduler (XLA:CPU instruction scheduler)")
   p.add_argument("--attention-causal-block", type=int, default=None,
-                 help="ModelConfig.attention_causal_block (0: every query sees all keys)")
+                 help="kernels.attention_causal_block (0: every query sees all keys; default: "
+                      "the platform's, 256 on CPU)")
   p.add_argument("--attention-query-block", type=int, default=None,
-                 help="ModelConfig.attention_query_block (rematerialised query groups; 0: none)")
+                 help="kernels.attention_query_block (rematerialised query groups; 0: none; "
+                      "default: the platform's, 256 on CPU)")
+  p.add_argument("--attention-key-tile", type=int, default=None,
+                 help="kernels.attention_key_tile (per-row key windows of packed rows; 0: "
+                      "off, the default)")
   p.add_argument("--logps-implementation", default=None,
                  choices=["custom_vjp", "saved_logits", "checkpoint"],
-                 help="config.train.logps_implementation (default: the ops default, custom_vjp)")
+                 help="kernels.logps_implementation (default: the ops default, custom_vjp)")
   p.add_argument("--peak-between-steps", action="store_true",
                  help="also measure the matmul peak before and after every timed step and "
                       "report `mfu_adjacent`, each step against the peaks around it (for a "

@@ -194,13 +194,14 @@ def runlocal(c: ml_collections.ConfigDict, *, total_steps: int = 2) -> ml_collec
   return c
 
 
-def gemma_tpu(c: ml_collections.ConfigDict, preset: str, *, remat: str) -> None:
-  """TPU defaults for a Gemma preset: bf16 compute, f32 master weights, FSDP, 256k tokenizer."""
+def gemma_tpu(c: ml_collections.ConfigDict, preset: str, *, remat: str = "full") -> None:
+  """TPU defaults for a Gemma preset: bf16 compute, f32 master weights, FSDP, scanned layers
+  (one compiled layer body: minutes less compile time, as MaxText), 256k tokenizer."""
   c.model.preset = preset
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = remat
-  c.model.scan_layers = False
+  c.model.scan_layers = True
   c.data.tokenizer = "gemma"
   c.data.chat_template = "gemma"
   c.data.max_len = 1024

@@ -22,7 +22,7 @@ def get_config(arg=None):
   """DPO of Gemma 2B (from its SFT checkpoint), TPU; `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
-  common.gemma_tpu(c, "gemma_2b", remat="none")
+  common.gemma_tpu(c, "gemma_2b")
   c.task = "preference"
   c.loss.name = "dpo"
   c.loss.beta = 0.03

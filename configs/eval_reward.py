@@ -73,7 +73,7 @@ def get_config(arg=None):
   add_eval_keys(c)
   local_data(c)
   if a.gemma:
-    common.gemma_tpu(c, "gemma_2b", remat="none")
+    common.gemma_tpu(c, "gemma_2b", remat="none")  # no backward pass in eval
     c.data.batch_size = 64
   if a.runlocal:
     common.runlocal(c)

@@ -21,7 +21,7 @@ def get_config(arg=None):
   """KTO of Gemma 2B on unpaired feedback, TPU; `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
-  common.gemma_tpu(c, "gemma_2b", remat="none")
+  common.gemma_tpu(c, "gemma_2b")
   c.task = "kto"
   c.loss.name = "kto"
   c.loss.beta = 0.1

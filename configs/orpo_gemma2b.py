@@ -20,7 +20,7 @@ def get_config(arg=None):
   """ORPO of Gemma 2B (from the base model: SFT and preference in one), TPU; `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
-  common.gemma_tpu(c, "gemma_2b", remat="none")
+  common.gemma_tpu(c, "gemma_2b")
   c.task = "preference"
   c.loss.name = "orpo"
   c.loss.beta = 0.1  # λ, weight of the odds-ratio term

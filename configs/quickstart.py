@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.data.max_len = 96 if not a.rm else 128  # the 32k-vocabulary head dominates DPO's cost
   c.data.max_prompt_len = 48 if not a.rm else 64
   c.data.max_response_len = 48 if not a.rm else 64
-  c.train.logps_implementation = "checkpoint"  # faster than custom_vjp at D=64 on CPU
+  c.kernels.logps_implementation = "checkpoint"  # faster than custom_vjp at D=64 on CPU
   c.data.on_bad_record = "skip"  # the HH sample has a few empty responses
   c.data.split_fraction = 0.8  # train on 80% (by first human turn), eval on the rest
   c.ckpt.every_steps = 60

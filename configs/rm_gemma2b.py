@@ -21,7 +21,7 @@ def get_config(arg=None):
   """Bradley–Terry reward model from Gemma 2B (SFT checkpoint), TPU; `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
-  common.gemma_tpu(c, "gemma_2b", remat="none")
+  common.gemma_tpu(c, "gemma_2b")
   c.task = "reward"
   c.loss.name = "bradley_terry"  # or kwise (data.kind=rankings)
   c.loss.beta = None  # unused by reward models

@@ -21,7 +21,7 @@ def get_config(arg=None):
   """Supervised fine-tuning of Gemma 2B on the chosen responses, TPU; `runlocal`: a tiny model, 2 steps on CPU."""
   a = common.parse_arg(arg, runlocal=False)
   c = common.base_config()
-  common.gemma_tpu(c, "gemma_2b", remat="none")
+  common.gemma_tpu(c, "gemma_2b")
   c.task = "sft"
   c.loss.name = "nll"  # unused by sft
   c.loss.beta = None

@@ -12,10 +12,16 @@ dev machine (docs/performance.md, "Profile: what changed on 2026-12-02"), same p
 glibc reads tunables once, at process start, so the `prefjax` command line re-executes itself
 with the tunable added to `GLIBC_TUNABLES` before it imports JAX (`reexec_with_tuned_malloc`).
 Set `PREFJAX_HOST_MALLOC=0` to opt out. Nothing happens on non-Linux hosts, on non-glibc or
-old glibc, when transparent huge pages are disabled, or when the tunable is already set.
+old glibc, when transparent huge pages are disabled, when the tunable is already set, or on an
+accelerator host (`accelerator_host`: the step runs on the TPU / GPU there, and the host's
+allocations are not the hot path): `JAX_PLATFORMS` naming anything but cpu, or, when it is
+unset, `TPU_ACCELERATOR_TYPE` / `TPU_WORKER_HOSTNAMES` in the environment or TPU / NVIDIA
+device files (/dev/accel*, /dev/vfio/<n>, /dev/nvidia<n>). `JAX_PLATFORMS=cpu` is a CPU run
+wherever it is.
 """
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -25,6 +31,31 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT_VAR = "PREFJAX_HOST_MALLOC"
 _REEXEC_MARK = "PREFJAX_HOST_MALLOC_APPLIED"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+# Set on Cloud TPU VMs (and by launch/ for pods).
+TPU_ENV_VARS = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES")
+# Device files of TPU chips (v2-v5e: /dev/accel<n>; v5p / v6e: /dev/vfio/<n>) and NVIDIA GPUs.
+ACCELERATOR_DEVICE_GLOBS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def accelerator_host(env: Mapping[str, str],
+                     device_globs: Optional[tuple[str, ...]] = None) -> Optional[str]:
+  """Why this process will not compute on the host CPU (None: it will), without importing JAX.
+
+  `JAX_PLATFORMS` decides when set (any platform but cpu: an accelerator run); otherwise the
+  TPU VM variables (`TPU_ENV_VARS`) or accelerator device files do.
+  """
+  platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    other = [p for p in platforms if p != "cpu"]
+    return f"JAX_PLATFORMS={env['JAX_PLATFORMS']}" if other else None
+  for var in TPU_ENV_VARS:
+    if env.get(var):
+      return f"{var} is set"
+  for pattern in ACCELERATOR_DEVICE_GLOBS if device_globs is None else device_globs:
+    found = glob.glob(pattern)
+    if found:
+      return f"{found[0]} exists"
+  return None
 
 
 def _glibc_supports_hugetlb() -> bool:
@@ -52,11 +83,14 @@ def _thp_available(path: str = _THP_SETTING) -> bool:
 def tuned_env(env: Mapping[str, str]) -> Optional[dict[str, str]]:
   """The environment with the malloc tunable added, or None if nothing should change.
 
-  None when opted out (`PREFJAX_HOST_MALLOC=0`), already applied, or the host cannot use it.
+  None when opted out (`PREFJAX_HOST_MALLOC=0`), already applied, on an accelerator host
+  (`accelerator_host`), or when the host cannot use it.
   """
   if env.get(OPT_OUT_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
     return None
   if env.get(_REEXEC_MARK) or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+    return None
+  if accelerator_host(env) is not None:
     return None
   if not (_glibc_supports_hugetlb() and _thp_available()):
     return None

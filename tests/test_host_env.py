@@ -11,7 +11,7 @@ _SUPPORTED = host_env._glibc_supports_hugetlb() and host_env._thp_available()
 
 
 @pytest.mark.skipif(not _SUPPORTED, reason="needs Linux, glibc >= 2.35 and transparent huge pages")
-def test_tuned_env_adds_and_appends():
+def test_tuned_env_adds_and_appends(no_accelerator_devices):
   env = host_env.tuned_env({"PATH": "/bin"})
   assert env["GLIBC_TUNABLES"] == host_env.TUNABLE and env["PATH"] == "/bin"
   env = host_env.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
@@ -52,3 +52,42 @@ def _child(extra_env):
 def test_reexec_applies_tunable_and_keeps_argv():
   assert _child({}) == f"{host_env.TUNABLE} ['a', '--b=c d']"
   assert _child({host_env.OPT_OUT_VAR: "0"}) == "['a', '--b=c d']"
+
+
+@pytest.fixture
+def no_accelerator_devices(monkeypatch):
+  monkeypatch.setattr(host_env, "ACCELERATOR_DEVICE_GLOBS", ())
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"JAX_PLATFORMS": "tpu"}, "JAX_PLATFORMS=tpu"),
+    ({"JAX_PLATFORMS": "tpu,cpu"}, "JAX_PLATFORMS=tpu,cpu"),
+    ({"JAX_PLATFORMS": "cuda"}, "JAX_PLATFORMS=cuda"),
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-16"}, "TPU_ACCELERATOR_TYPE is set"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "TPU_WORKER_HOSTNAMES is set"),
+])
+def test_accelerator_host_from_env(no_accelerator_devices, env, reason):
+  assert host_env.accelerator_host(env) == reason
+  assert host_env.tuned_env(env) is None  # never tuned there, whatever the host's glibc
+
+
+def test_accelerator_host_cpu(no_accelerator_devices):
+  assert host_env.accelerator_host({}) is None
+  assert host_env.accelerator_host({"JAX_PLATFORMS": "cpu"}) is None
+  # An explicit CPU run is a CPU run, even on a TPU VM.
+  assert host_env.accelerator_host({"JAX_PLATFORMS": "cpu",
+                                    "TPU_ACCELERATOR_TYPE": "v4-8"}) is None
+
+
+def test_accelerator_host_from_device_files(tmp_path):
+  (tmp_path / "accel0").write_text("")
+  globs = (str(tmp_path / "accel[0-9]*"),)
+  assert host_env.accelerator_host({}, globs) == f"{tmp_path / 'accel0'} exists"
+  assert host_env.accelerator_host({"JAX_PLATFORMS": "cpu"}, globs) is None
+  assert host_env.accelerator_host({}, (str(tmp_path / "nvidia[0-9]*"),)) is None
+
+
+def test_no_reexec_on_a_tpu_host():
+  """The entry point leaves a TPU process alone (checked before glibc / THP support)."""
+  assert _child({"JAX_PLATFORMS": "tpu", "TPU_ACCELERATOR_TYPE": "v5litepod-8"}) == \
+      "['a', '--b=c d']"

@@ -35,8 +35,12 @@ def test_missing_workdir_is_a_usage_error():
     ({"loss.name": "simpo", "reference.mode": "model"}, "reference-free"),
     ({"optim.grad_accum_steps": 3}, "divisible by grad_accum_steps"),
     ({"optim.schedule": "cosin"}, "optim.schedule"),
-    ({"train.cpu_scheduler": "fast"}, "config.train.cpu_scheduler='fast'"),
-    ({"train.logps_implementation": "fused"}, "config.train.logps_implementation='fused'"),
+    ({"kernels.cpu_scheduler": "fast"}, "config.kernels.cpu_scheduler='fast'"),
+    ({"kernels.logps_implementation": "fused"}, "config.kernels.logps_implementation='fused'"),
+    ({"kernels.attention": "flash"}, "config.kernels.attention='flash'"),
+    ({"kernels.attention_key_tile": -64}, "config.kernels.attention_key_tile=-64 must be >= 0"),
+    ({"train.cpu_scheduler": "memory_optimized"},
+     "config.train.cpu_scheduler is now config.kernels.cpu_scheduler"),
     ({"mesh.fsdp": 3}, "config.mesh"),
 ])
 def test_validate_messages(overrides, needle):
@@ -86,3 +90,42 @@ def test_compilation_cache_dir_is_filled_and_reused(tmp_path):
   assert train_steps(first), f"the train step was not cached: {sorted(first)}"
   assert train_steps(second) == train_steps(first), (
       f"the second run compiled the train step again: {sorted(second - first)}")
+
+
+def test_cli_kernel_overrides_reach_the_model(monkeypatch):
+  """`--config.kernels.*` on the command line become the run's `Kernels` (the mesh platform's
+  defaults with the keys set) and reach the model's attention through the programs' task."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from prefjax.models import Kernels, layers  # pylint: disable=g-import-not-at-top
+  from prefjax.train import builders, program  # pylint: disable=g-import-not-at-top
+  from tests.train import helpers  # pylint: disable=g-import-not-at-top
+  argv = ["prefjax", f"--config={lh.REPO / 'configs' / 'quickstart.py'}:runlocal",
+          "--config.kernels.attention_key_tile=64", "--config.kernels.attention_causal_block=16",
+          "--config.kernels.attention_query_block=32",
+          "--config.kernels.logps_implementation=saved_logits"]
+  fv = flags.FlagValues()  # as prefjax.main defines it, on this argv
+  config_flags.DEFINE_config_file("config", None, "recipe", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  config = fv.config
+  mesh, rules = builders.make_mesh(config)
+  kernels = builders.kernels_for_mesh(config, mesh)
+  assert kernels == Kernels.for_platform(
+      "cpu", attention_key_tile=64, attention_causal_block=16, attention_query_block=32,
+      logps_implementation="saved_logits")
+  assert kernels.cpu_scheduler == "memory_optimized"  # unset: the platform's default
+  key_tiles = []
+  window = layers.window_flash_attention
+  monkeypatch.setattr(layers, "window_flash_attention",
+                      lambda *a: key_tiles.append(a[6]) or window(*a))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    model_cfg = builders.model_config(config.model, task=config.task)
+    progs = program.build(config, mesh, rules, model_cfg, total_steps=2)
+    assert progs.kernels == kernels and progs.head.implementation == "saved_logits"
+    batch = helpers.pair_batch(8, length=64)
+    jax.eval_shape(progs.task.loss_fn, progs.abstract_params, None,
+                   dict(batch, ref_logps=batch["tokens"][:, :, 0].astype("float32")))
+  assert key_tiles and set(key_tiles) == {64}

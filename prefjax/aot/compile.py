@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -79,7 +80,12 @@ def _shard_bytes(tree: Any) -> int:
   """Bytes of one device's shards of a pytree of sharded `ShapeDtypeStruct`s."""
   total = 0
   for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    shape = list(x.shape)
+    sh = getattr(x, "sharding", None)
+    if sh is not None:  # ceil division: XLA pads an uneven split
+      for dim, axes in enumerate(sh.spec):
+        axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+        shape[dim] = -(-shape[dim] // math.prod(sh.mesh.shape[a] for a in axes))
     total += math.prod(shape) * np.dtype(x.dtype).itemsize
   return total
 
@@ -126,11 +132,36 @@ def _cost(compiled: Any) -> dict[str, float]:
           "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
+# libtpu refuses to finish a program whose temporaries exceed the chip's HBM:
+# "RESOURCE_EXHAUSTED: ... HLO temporaries (18.17G) exceeds available HBM (15.75G)".
+_OOM = re.compile(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _out_of_memory(name: str, error: Exception, args: tuple, seconds: float) -> dict:
+  """The report of a program libtpu refused for lack of HBM (its temporaries alone)."""
+  m = _OOM.search(str(error))
+  if not m:
+    raise error
+  temp = int(float(m.group(1)) * _UNITS[m.group(2)])
+  arg = _shard_bytes(args)
+  logging.warning("%s does not fit: %s", name, str(error).splitlines()[0])
+  return {"lower_s": 0.0, "compile_s": round(seconds, 2), "argument_bytes": arg,
+          "output_bytes": 0, "temp_bytes": temp, "alias_bytes": 0, "code_bytes": 0,
+          "total_bytes": arg + temp, "flops": 0.0, "bytes_accessed": 0.0, "collectives": {},
+          "out_of_memory": str(error).splitlines()[0]}
+
+
 def _compile(name: str, fn: Any, args: tuple) -> tuple[Any, dict]:
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return None, _out_of_memory(name, e, args, time.perf_counter() - t1)
   t2 = time.perf_counter()
   logging.info("compiled %s in %.1f s (lowering %.1f s)", name, t2 - t1, t1 - t0)
   out = {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), **_memory(compiled),
@@ -146,20 +177,28 @@ def _tokens(batch: dict[str, Any]) -> tuple[int, int]:
   return n, batch["tokens"].shape[-1]
 
 
-def roofline(report_train: dict, model_flops: float, topo: Topology, remat: str) -> dict:
+def roofline(report_train: dict, model_flops: dict, topo: Topology, remat: str,
+             dense_attention: bool) -> dict:
   """Roofline step time per chip: max(FLOPs / peak, bytes / HBM bandwidth), and the MFU
-  it implies. FLOPs: the compiler's count or the analytic model FLOPs per chip with the
-  rematerialised forward added (full remat: 4 forward-equivalents instead of 3), whichever
-  is larger (the compiler counts a loop body once)."""
+  it implies (Williams et al. 2009, "Roofline").
+
+  FLOPs are the hardware FLOPs of the analytic model (`flops.hardware_flops`: remat and
+  dense attention included) or the compiler's count, whichever is larger. XLA's cost
+  analysis counts the body of a loop (scanned layers, micro-batches) once, so its bytes are
+  a lower bound and the memory term is optimistic; `loop_scale` (analytic / compiler FLOPs)
+  says by how much the compiler's counts fall short. Collectives are not in the roofline."""
   chip = topo.chip
-  per_chip_model = model_flops / topo.chips
-  remat_factor = 4 / 3 if remat == "full" else 1.0
-  hw = max(report_train["flops"], per_chip_model * remat_factor)
+  per_chip_model = model_flops["total"] / topo.chips
+  analytic = flops_lib.hardware_flops(model_flops, remat=remat,
+                                      dense_attention=dense_attention) / topo.chips
+  hw = max(report_train["flops"], analytic)
   t_compute = hw / chip.peak_flops
   t_memory = report_train["bytes_accessed"] / chip.hbm_bandwidth
   step = max(t_compute, t_memory)
-  return {"hardware_flops_per_chip": hw, "compute_s": t_compute, "memory_s": t_memory,
-          "step_s": step, "bound": "compute" if t_compute >= t_memory else "memory",
+  return {"hardware_flops_per_chip": hw,
+          "loop_scale": analytic / report_train["flops"] if report_train["flops"] else 1.0,
+          "compute_s": t_compute, "memory_s": t_memory, "step_s": step,
+          "bound": "compute" if t_compute >= t_memory else "memory",
           "mfu": per_chip_model / chip.peak_flops / step if step > 0 else 0.0}
 
 
@@ -189,6 +228,7 @@ def compile_recipe(config: Any, topo: Topology, *, programs: tuple[str, ...] = P
   # Built outside the mesh context: optax creates small concrete arrays while it maps the
   # optimizer state's structure, and a compile-only mesh cannot hold them.
   progs = program_lib.build(config, mesh, rules, model_cfg, steps)
+  report["kernels"] = progs.kernels.to_dict()
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     state = progs.abstract_state()
     batch = abstract_batch(config, mesh, num_processes, "train")
@@ -212,7 +252,9 @@ def compile_recipe(config: Any, topo: Topology, *, programs: tuple[str, ...] = P
     if "train" in programs:
       _, r = _compile("train", progs.train_step(batch_sh), (state, batch))
       report["programs"]["train"] = r
-      report["roofline"] = roofline(r, fl["total"], topo, model_cfg.remat)
+      if "out_of_memory" not in r:
+        report["roofline"] = roofline(r, fl, topo, model_cfg.remat,
+                                      dense_attention=progs.kernels.attention != "splash")
     ref_params = state.params if progs.has_ref_params else None
     has_eval = data_io.has_eval(config)
     if has_eval and ("eval" in programs or "diagnostics" in programs):
@@ -236,7 +278,8 @@ def compile_recipe(config: Any, topo: Topology, *, programs: tuple[str, ...] = P
   report["peak_bytes_per_chip"] = max(
       (p.get("resident_total_bytes", p["total_bytes"]) for p in report["programs"].values()),
       default=0)
-  report["fits"] = report["peak_bytes_per_chip"] <= topo.chip.hbm_bytes
+  oom = any("out_of_memory" in p for p in report["programs"].values())
+  report["fits"] = not oom and report["peak_bytes_per_chip"] <= topo.chip.hbm_bytes
   report["headroom"] = 1.0 - report["peak_bytes_per_chip"] / topo.chip.hbm_bytes
   report["fits_with_headroom"] = report["headroom"] >= HEADROOM
   return report
@@ -275,6 +318,9 @@ def format_table(report: dict[str, Any]) -> str:
                  f"{p['temp_bytes'] / GiB:>10.2f}{p['alias_bytes'] / GiB:>11.2f}"
                  f"{total / GiB:>11.2f}{p['compile_s']:>11.1f}")
   verdict = "fits" if report["fits"] else "DOES NOT FIT"
+  for name, p in report["programs"].items():
+    if "out_of_memory" in p:
+      lines.append(f"{name}: libtpu: {p['out_of_memory']}")
   lines.append(f"peak {report['peak_bytes_per_chip'] / GiB:.2f} GiB of {cap / GiB:.0f} GiB per "
                f"chip: {verdict} (headroom {100 * report['headroom']:.0f}%)")
   if "roofline" in report:

@@ -40,7 +40,21 @@ def forward_flops(cfg: Any, tokens: int, seq_len: int) -> float:
 
 
 def step_flops(cfg: Any, tokens: int, seq_len: int, *, reference_forward: bool) -> dict:
-  """`{"policy": 3 x forward, "reference": forward or 0, "total": ...}` for one step."""
+  """Model FLOPs of one training step: `{"forward": one forward pass, "attention": its
+  causal-attention part, "policy": 3 x forward, "reference": forward or 0, "total"}`."""
   fwd = forward_flops(cfg, tokens, seq_len)
   ref = fwd if reference_forward else 0.0
-  return {"policy": 3 * fwd, "reference": ref, "total": 3 * fwd + ref}
+  return {"forward": fwd, "attention": tokens * attention_flops_per_token(cfg, seq_len),
+          "policy": 3 * fwd, "reference": ref, "total": 3 * fwd + ref}
+
+
+def hardware_flops(model: dict, *, remat: str, dense_attention: bool) -> float:
+  """FLOPs the chips execute for `step_flops`' model FLOPs.
+
+  Full remat runs the policy's forward a second time in the backward pass (4 forward
+  equivalents instead of 3). Dense attention (XLA's, masked) computes every key of the row,
+  about twice the causal work; a flash kernel that skips masked blocks computes about the
+  causal part."""
+  fwd = model["forward"] + (model["attention"] if dense_attention else 0.0)
+  passes = 3 + (1 if remat == "full" else 0) + (1 if model["reference"] else 0)
+  return fwd * passes

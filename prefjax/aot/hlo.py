@@ -2,8 +2,9 @@
 
 Counts every all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute
 (synchronous or `-start` of an async pair) per step: an op inside a `while` body counts
-once per iteration when XLA annotated the loop's trip count (`known_trip_count`), an op
-inside a conditional branch counts once. Bytes are the larger of the op's operand and
+once per iteration (the trip count from XLA's `known_trip_count` annotation, or else from the
+loop condition's `i < N` against a constant, as scans compile), an op inside a conditional
+branch counts once. Bytes are the larger of the op's operand and
 result buffers on one device (the gathered / un-scattered size): the volume one chip
 sends or receives is within a small factor of it, depending on the algorithm.
 """
@@ -21,7 +22,8 @@ _SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True
                     + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
 _OP = re.compile(r"=\s*.*?\b(" + "|".join(KINDS) + r")(-start)?\(")
-_WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
+_WHILE = re.compile(r"\bwhile\(.*\bcondition=%?([\w.\-]+).*\bbody=%?([\w.\-]+)")
+_LIMIT = re.compile(r"= s32\[\][^=]*\bconstant\((\d+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLS = re.compile(r"\b(?:calls|branch_computations|true_computation|false_computation)="
                     r"\{?([^}]*?)\}?(?:,\s|$)")
@@ -74,10 +76,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         continue
       loop = _WHILE.search(line)
       if loop:
-        trip = _TRIP.search(line)
-        body = total(loop.group(1), depth + 1)
-        for k, v in body.items():
-          out[k] += v * (int(trip.group(1)) if trip else 1)
+        trip = _trip_count(line, comps.get(loop.group(1), []))
+        for k, v in total(loop.group(2), depth + 1).items():
+          out[k] += v * trip
         continue
       for group in _CALLS.findall(line):
         for callee in _names(group):
@@ -89,6 +90,18 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   found = total(entry) if entry else collections.Counter()
   return {k: {"count": int(found[k + "/count"]), "bytes": int(found[k + "/bytes"])}
           for k in KINDS}
+
+
+def _trip_count(while_line: str, condition: list[str]) -> int:
+  """Iterations of a while loop: XLA's annotation, or the N of a condition `i < N`."""
+  known = _TRIP.search(while_line)
+  if known:
+    return int(known.group(1))
+  if any("direction=LT" in line for line in condition):
+    limits = [int(m.group(1)) for line in condition for m in [_LIMIT.search(line)] if m]
+    if len(limits) == 1:
+      return limits[0]
+  return 1
 
 
 def _names(group: str) -> Iterable[str]:

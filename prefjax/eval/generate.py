@@ -148,12 +148,14 @@ def _prompt_array(prompts: Sequence[Sequence[int]], width: int) -> tuple[np.ndar
 
 def sample_responses(model_cfg: Any, params: Any, prompts: Sequence[Prompt],
                      settings: SampleSettings, *, stop: Sequence[int], pad_id: int = 0,
-                     prompt_width: Optional[int] = None) -> list[list[list[int]]]:
+                     prompt_width: Optional[int] = None,
+                     kernels: Any = None) -> list[list[list[int]]]:
   """Generated token ids [prompt][sample] (stop token removed), `settings.num_samples` each.
 
   Rows are prompt-major (prompt i, sample k -> row i·K + k); batches have a fixed shape
   (`batch_size` rows, prompts right-padded to `prompt_width`), the last one padded, so the
-  sampler compiles once. Batch j uses key fold_in(seed, j).
+  sampler compiles once. Batch j uses key fold_in(seed, j). `kernels`: `models.Kernels`
+  (None: the default backend's).
   """
   from prefjax import models  # pylint: disable=import-outside-toplevel
   k = int(settings.num_samples)
@@ -170,7 +172,8 @@ def sample_responses(model_cfg: Any, params: Any, prompts: Sequence[Prompt],
     out = models.sample(model_cfg, params, toks, lens, jax.random.fold_in(key, j),
                         max_new_tokens=int(settings.max_new_tokens),
                         temperature=float(settings.temperature), top_k=int(settings.top_k),
-                        top_p=float(settings.top_p), stop_tokens=tuple(stop), pad_id=pad_id)
+                        top_p=float(settings.top_p), stop_tokens=tuple(stop), pad_id=pad_id,
+                        kernels=kernels)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for r in range(n):
       ids = tokens[r, :lengths[r]].tolist()
@@ -288,6 +291,7 @@ def run_generate(config: Any, workdir: str) -> dict[str, Any]:
   stop = stop_tokens(tokenizer)
   policies = parse_policies(g.get("policies"), config.model.get("init"))
   mesh, rules = builders.make_mesh(config)
+  kernels = builders.kernels_for_mesh(config, mesh)
   files: dict[str, Any] = {}
   records: dict[str, list[dict[str, Any]]] = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
@@ -295,13 +299,14 @@ def run_generate(config: Any, workdir: str) -> dict[str, Any]:
       cfg, params = tasks.load_model(path, config.model, task="preference", mesh=mesh,
                                      rules=rules)
       samples = sample_responses(cfg, params, prompts, settings, stop=stop,
-                                 pad_id=tokenizer.pad_id, prompt_width=max_prompt)
+                                 pad_id=tokenizer.pad_id, prompt_width=max_prompt,
+                                 kernels=kernels)
       records[name] = generation_records(prompts, samples, tokenizer)
       del params
     rm = g.get("reward_model")
     if rm:
       rcfg, rparams = tasks.load_reward_model(rm, config.model, mesh=mesh, rules=rules)
-      fn = scoring.reward_score_fn(rcfg, rparams)
+      fn = scoring.reward_score_fn(rcfg, rparams, kernels=kernels)
       ids_of = {p.text: p.ids for p in prompts}
       for name, recs in records.items():
         seqs = [(ids_of[r["prompt"]], response_ids(r["response"], tokenizer, template, max_resp))

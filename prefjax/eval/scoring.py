@@ -54,11 +54,13 @@ def _rows(batch: dict) -> tuple[dict, jnp.ndarray, int, tuple[int, ...]]:
   return rows, ids.astype(jnp.int32), 2 * slots[1], slots
 
 
-def _hidden(model_cfg: Any, params: Any, rows: dict, readout: Any = None) -> jnp.ndarray:
+def _hidden(model_cfg: Any, params: Any, rows: dict, readout: Any = None,
+            kernels: Any = None) -> jnp.ndarray:
   from prefjax import models  # pylint: disable=import-outside-toplevel
   return models.forward_hidden(model_cfg, params, rows["tokens"],
                                segment_ids=rows["segment_ids"], positions=rows["positions"],
-                               branch_ids=rows.get("branch_ids"), readout=readout)
+                               branch_ids=rows.get("branch_ids"), readout=readout,
+                               kernels=kernels)
 
 
 def _pairs(x: jnp.ndarray, slots: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -67,25 +69,26 @@ def _pairs(x: jnp.ndarray, slots: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.nda
   return x[..., 0], x[..., 1]
 
 
-def last_token_scores(model_cfg: Any, params: Any, batch: dict, *, head: int = 0
-                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+def last_token_scores(model_cfg: Any, params: Any, batch: dict, *, head: int = 0,
+                      kernels: Any = None) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Reward head `head` at the last token of each sequence: (chosen, rejected) [slots]."""
   from prefjax import models  # pylint: disable=import-outside-toplevel
   rows, ids, num_seq, slots = _rows(batch)
   pos = jnp.arange(ids.shape[-1], dtype=jnp.int32)
   onehot = ids[..., None] == jnp.arange(1, num_seq + 1, dtype=jnp.int32)  # [R', L, S']
   last = jnp.max(jnp.where(onehot, pos[None, :, None], 0), axis=1)        # [R', S']
-  h = _hidden(model_cfg, params, rows, readout=last)             # [R', S', D]
+  h = _hidden(model_cfg, params, rows, readout=last, kernels=kernels)  # [R', S', D]
   scores = models.reward_scores(model_cfg, params, h)[..., head]  # [R', S']
   return _pairs(scores, slots)
 
 
-def sequence_logps(model_cfg: Any, params: Any, batch: dict, *, chunk_size: int = 128
+def sequence_logps(model_cfg: Any, params: Any, batch: dict, *, chunk_size: int = 128,
+                   kernels: Any = None
                    ) -> tuple[tuple[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]:
   """((chosen, rejected) summed response log-probs, (chosen, rejected) token counts)."""
   from prefjax import models, ops  # pylint: disable=import-outside-toplevel
   rows, ids, num_seq, slots = _rows(batch)
-  hidden = _hidden(model_cfg, params, rows)
+  hidden = _hidden(model_cfg, params, rows, kernels=kernels)
   # Only response positions are scored (`where`), in chunks of 4x the row chunk.
   lp = ops.token_logps_from_hidden(hidden, models.unembedding(model_cfg, params), rows["targets"],
                                    chunk_size=4 * chunk_size,
@@ -100,7 +103,7 @@ def _host_batch(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k in keep}
 
 
-def reward_score_fn(model_cfg: Any, params: Any, *, head: int = 0
+def reward_score_fn(model_cfg: Any, params: Any, *, head: int = 0, kernels: Any = None
                     ) -> Callable[[dict], tuple[jax.Array, jax.Array]]:
   """`score_pairs_fn` of an explicit reward model (`model_cfg.num_reward_heads > 0`).
 
@@ -108,14 +111,15 @@ def reward_score_fn(model_cfg: Any, params: Any, *, head: int = 0
     model_cfg: `prefjax.models.ModelConfig` of the reward model.
     params: its params (with `reward_head`).
     head: which reward head to read (multi-objective RMs).
+    kernels: `prefjax.models.Kernels` (None: the default backend's).
   """
-  fn = jax.jit(lambda p, b: last_token_scores(model_cfg, p, b, head=head))
+  fn = jax.jit(lambda p, b: last_token_scores(model_cfg, p, b, head=head, kernels=kernels))
   return lambda batch: fn(params, _host_batch(batch))
 
 
 def implicit_score_fn(model_cfg: Any, params: Any, ref_params: Optional[Any] = None, *,
-                      method: str = "dpo", beta: float = 0.1, chunk_size: int = 128
-                      ) -> Callable[[dict], tuple[jax.Array, jax.Array]]:
+                      method: str = "dpo", beta: float = 0.1, chunk_size: int = 128,
+                      kernels: Any = None) -> Callable[[dict], tuple[jax.Array, jax.Array]]:
   """`score_pairs_fn` of a policy's implicit reward (`implicit.implicit_reward`).
 
   Args:
@@ -125,6 +129,7 @@ def implicit_score_fn(model_cfg: Any, params: Any, ref_params: Optional[Any] = N
     method: implicit-reward definition (`implicit.METHOD_KIND` key, e.g. "dpo", "simpo").
     beta: the β the policy was trained with.
     chunk_size: vocabulary-head chunk of `ops.token_logps_from_hidden`.
+    kernels: `prefjax.models.Kernels` (None: the default backend's).
   """
   kind = implicit_lib.METHOD_KIND.get(method)
   if kind is None:
@@ -134,10 +139,10 @@ def implicit_score_fn(model_cfg: Any, params: Any, ref_params: Optional[Any] = N
     raise ValueError(f"the implicit reward of {method!r} needs ref_params")
 
   def score(p, rp, b):
-    (c, r), (lc, lr) = sequence_logps(model_cfg, p, b, chunk_size=chunk_size)
+    (c, r), (lc, lr) = sequence_logps(model_cfg, p, b, chunk_size=chunk_size, kernels=kernels)
     rc = rr = None
     if needs_ref:
-      (rc, rr), _ = sequence_logps(model_cfg, rp, b, chunk_size=chunk_size)
+      (rc, rr), _ = sequence_logps(model_cfg, rp, b, chunk_size=chunk_size, kernels=kernels)
     return (implicit_lib.implicit_reward(method, c, ref_logps=rc, lengths=lc, beta=beta),
             implicit_lib.implicit_reward(method, r, ref_logps=rr, lengths=lr, beta=beta))
 

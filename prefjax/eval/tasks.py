@@ -172,8 +172,10 @@ def implicit_method(policy_path: str, method: Optional[str], beta: Optional[floa
 
 def implicit_scorer(policy_path: str, ref_path: Optional[str], current_model: Any, *,
                     method: Optional[str], beta: Optional[float], mesh: Any, rules: Any,
-                    chunk_size: int = 128) -> tuple[Any, dict[str, Any], Any, Any]:
-  """(score_pairs_fn, info, policy cfg, policy params) of a policy's implicit reward."""
+                    chunk_size: int = 128, kernels: Any = None
+                    ) -> tuple[Any, dict[str, Any], Any, Any]:
+  """(score_pairs_fn, info, policy cfg, policy params) of a policy's implicit reward
+  (`kernels`: `models.Kernels` of its forward passes; None: the default backend's)."""
   from prefjax.eval import implicit as implicit_lib  # pylint: disable=import-outside-toplevel
   method, beta = implicit_method(policy_path, method, beta)
   if method not in implicit_lib.METHOD_KIND:
@@ -187,7 +189,7 @@ def implicit_scorer(policy_path: str, ref_path: Optional[str], current_model: An
     info["reference"], _, ref_params = load_reference(policy_path, ref_path, current_model,
                                                       mesh=mesh, rules=rules)
   fn = scoring.implicit_score_fn(cfg, params, ref_params, method=method, beta=beta,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, kernels=kernels)
   return fn, info, cfg, params
 
 
@@ -385,7 +387,8 @@ def run_eval_reward(config: Any, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     cfg, params = load_reward_model(config.model.init, config.model, mesh=mesh, rules=rules)
     head = int(config.eval.get("reward_head", 0) or 0)
-    fns = {"explicit": scoring.reward_score_fn(cfg, params, head=head)}
+    kernels = builders.kernels_for_mesh(config, mesh)
+    fns = {"explicit": scoring.reward_score_fn(cfg, params, head=head, kernels=kernels)}
     return _evaluate(config, workdir, fns, {"task": "eval_reward",
                                             "reward_model": config.model.init, "head": head})
 
@@ -403,15 +406,16 @@ def run_eval_implicit_reward(config: Any, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     fns: dict[str, Any] = {}
     meta: dict[str, Any] = {"task": "eval_implicit_reward"}
+    kernels = builders.kernels_for_mesh(config, mesh)
     rm_path = config.eval.get("reward_model")
     if rm_path:
       cfg, params = load_reward_model(rm_path, config.model, mesh=mesh, rules=rules)
-      fns["explicit"] = scoring.reward_score_fn(cfg, params)
+      fns["explicit"] = scoring.reward_score_fn(cfg, params, kernels=kernels)
       meta["reward_model"] = rm_path
     fn, info, _, _ = implicit_scorer(
         config.model.init, config.reference.get("init"), config.model,
         method=config.eval.get("method"), beta=config.eval.get("beta"), mesh=mesh, rules=rules,
-        chunk_size=int(config.train.get("logps_chunk_size", 128)))
+        chunk_size=int(config.train.get("logps_chunk_size", 128)), kernels=kernels)
     fns["implicit"] = fn
     meta.update(info)
     return _evaluate(config, workdir, fns, meta)

@@ -4,6 +4,8 @@ path), reward heads, checkpoint import/export and a KV-cache sampler (docs/inter
   cfg = models.get_config("gemma2_2b", dtype="bfloat16", remat="full", scan_layers=True)
   params = models.init_params(cfg, rng, mesh=mesh, rules=rules)    # sharded straight into place
   logits = models.forward(cfg, params, tokens)                     # [B,T,V] float32
+  kernels = models.Kernels.for_platform("cpu", attention_key_tile=64)  # how it is computed
+  logits = models.forward(cfg, params, tokens, kernels=kernels)    # (None: the backend's)
   hidden = models.forward_hidden(cfg, params, tokens, segment_ids=..., positions=...,
                                  branch_ids=...)                   # [B,T,D] cfg.dtype
   h_last = models.forward_hidden(cfg, params, tokens, readout=idx) # [B,n,D] at slots idx [B,n]
@@ -39,11 +41,12 @@ from prefjax.models.api import (
 from prefjax.models.flax_checkpoint import load_flax_gemma_checkpoint
 from prefjax.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint
 from prefjax.models.config import PRESETS, ModelConfig, get_config
+from prefjax.models.kernels import Kernels
 from prefjax.models.sampler import SampleOutput, sample
 from prefjax.models.transformer import Transformer, attention_mask, init_cache
 
 __all__ = [
-    "PRESETS", "ModelConfig", "SampleOutput", "sample", "config_from_hf", "config_to_hf", "load_hf_checkpoint",
+    "PRESETS", "Kernels", "ModelConfig", "SampleOutput", "sample", "config_from_hf", "config_to_hf", "load_hf_checkpoint",
     "load_flax_gemma_checkpoint",
     "save_hf_checkpoint", "Transformer", "abstract_params", "attention_mask", "count_params",
     "forward", "forward_hidden", "get_config", "init_cache", "init_params", "logical_specs",

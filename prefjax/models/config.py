@@ -69,26 +69,6 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   remat: str = "none"  # none | full | save_dots
   scan_layers: bool = False  # nn.scan over repeats of `attention_pattern`
-  attention_impl: str = "xla"
-  # Queries longer than this keep no attention probabilities for the backward pass: causal
-  # self-attention saves its output and logsumexps and recomputes each block's probabilities
-  # (FlashAttention-2's backward); other attention is attended in query blocks of this many,
-  # each rematerialised. Either way the f32 [B, T, N, S] scores never exist whole (0: never).
-  # 256: with scanned layers, T = 512 / 1024 steps ran 7% / 12% faster than saving the
-  # probabilities (the scan stacks them per layer) and T = 256 ran 26% slower; unrolled layers
-  # ran as fast either way (docs/performance.md, round 7).
-  attention_query_block: int = 256
-  # Self-attention without a KV cache splits its queries into blocks of this many slots, each
-  # attending only to the keys up to its last slot (exact under the causal mask; about half the
-  # score work at long lengths; 0: every query sees all S keys).
-  attention_causal_block: int = 256
-  # With causal blocks and queries longer than `attention_query_block`, each block also skips
-  # the keys before the first one its queries may see (packed rows: earlier segments), in
-  # windows of this many key slots chosen per row at run time (window_attention.py; exact).
-  # 0 (default): off. 64 on prompt-shared [4, 768] reward batches: attention about half the
-  # time, the step about 5% faster, and about 0.5-0.8 GiB more host memory while compiling
-  # (one switch branch per window width; docs/performance.md "Key windows").
-  attention_key_tile: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -105,14 +85,6 @@ class ModelConfig:
       raise ValueError("a 'local' layer in attention_pattern needs sliding_window")
     if self.rope_scaling not in ("none", "linear", "llama3"):
       raise ValueError(f"rope_scaling={self.rope_scaling!r}; expected none | linear | llama3")
-    if self.attention_impl != "xla":
-      raise ValueError(f"attention_impl={self.attention_impl!r}: only 'xla' is implemented")
-    if self.attention_causal_block < 0:
-      raise ValueError(f"attention_causal_block={self.attention_causal_block} must be >= 0")
-    if self.attention_key_tile < 0:
-      raise ValueError(f"attention_key_tile={self.attention_key_tile} must be >= 0")
-    if self.attention_query_block < 0:
-      raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
@@ -143,7 +115,22 @@ class ModelConfig:
     return jnp.dtype(self.param_dtype)
 
   def replace(self, **overrides: Any) -> "ModelConfig":
+    _check_moved(overrides)
     return dataclasses.replace(self, **overrides)
+
+
+# Fields of earlier versions that moved to `prefjax.models.Kernels` (how the model is computed,
+# not what it is): a workdir's `config.json` may still hold them; `config_from_dict` drops them.
+MOVED_TO_KERNELS = ("attention_impl", "attention_query_block", "attention_causal_block",
+                    "attention_key_tile")
+
+
+def _check_moved(overrides: dict) -> None:
+  moved = sorted(set(overrides) & set(MOVED_TO_KERNELS))
+  if moved:
+    raise ValueError(f"{moved} are no longer ModelConfig fields: pass them as kernel options "
+                     "(prefjax.models.Kernels, e.g. `forward(..., kernels=Kernels.for_platform("
+                     "'cpu', attention_key_tile=64))`; CLI: --config.kernels.*)")
 
 
 def _gemma1(**kw: Any) -> ModelConfig:
@@ -238,6 +225,7 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
   """Returns preset `name` with dataclass field `overrides` (e.g. `dtype="bfloat16"`)."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  _check_moved(overrides)
   return dataclasses.replace(PRESETS[name], **overrides)
 
 
@@ -279,8 +267,13 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> ModelConfig:
-  """Inverse of `config_to_dict`; unknown keys are an error (a config from a newer version)."""
+  """Inverse of `config_to_dict`; unknown keys are an error (a config from a newer version).
+
+  Keys of earlier versions that are now kernel options (`MOVED_TO_KERNELS`) are dropped: the
+  kernels are chosen per platform when the model runs, not stored with it.
+  """
   names = {f.name for f in dataclasses.fields(ModelConfig)}
+  d = {k: v for k, v in d.items() if k not in MOVED_TO_KERNELS}
   unknown = sorted(set(d) - names)
   if unknown:
     raise ValueError(f"unknown ModelConfig fields {unknown}")

@@ -28,6 +28,7 @@ from prefjax.models.attention_kernels import (  # noqa: F401  (re-exported)
     causal_flash_attention)
 from prefjax.models.config import GLOBAL, LOCAL, ModelConfig, rope_inv_freq
 from prefjax.models.gated_mlp import gated_mlp
+from prefjax.models.kernels import Kernels, default_kernels
 from prefjax.models.mixed_einsum import mixed_einsum
 from prefjax.models.window_attention import window_flash_attention
 
@@ -138,10 +139,15 @@ def batch_is_split() -> bool:
 
 
 class Attention(nn.Module):
-  """Multi-head / multi-query / grouped-query attention with Gemma 2/3 options."""
+  """Multi-head / multi-query / grouped-query attention with Gemma 2/3 options.
+
+  `kernels` (None: the default backend's `Kernels.for_platform`) picks how the scores are
+  computed (`__call__`); the parameters are the same for every choice.
+  """
 
   cfg: ModelConfig
   layer_type: str = GLOBAL
+  kernels: Kernels | None = None
 
   def _project(self, x: jax.Array, query_rows: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -168,22 +174,34 @@ class Attention(nn.Module):
     return q, key, val
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                cache: LayerCache | None = None, cache_index: jax.Array | None = None,
-               query_rows: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+               query_rows: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+               branch_ids: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     """Attention over x [B,T,D] (or over the cache's S slots when `cache` is given).
+
+    Kernels (`self.kernels`): with `attention="splash"`, self-attention without a cache and
+    without `query_rows` runs `splash_attention.splash_attention` from `segment_ids`,
+    `positions` and `branch_ids` (no mask). Everything else takes the XLA paths: causal blocks
+    with per-row key windows (`attention_key_tile`, window_attention.py), causal blocks
+    (`attention_causal_block`), rematerialised query blocks (`attention_query_block`), or
+    plain `attend` over the mask.
 
     Args:
       x: [B, T, D] normalised inputs.
       positions: [B, T] RoPE positions.
-      mask: [B, T, S] bool, True = attend (built by `transformer.attention_mask`).
+      mask: [B, T, S] bool, True = attend (built by `transformer.attention_mask`); may be None
+        only for the splash path.
       cache: optional {"k","v": [B, S, K, H]}; the new keys/values are written at `cache_index`.
       query_rows: optional [B, n] slot indices: only those queries are computed (keys and
         values still come from all T slots); the output is then [B, n, D].
+      segment_ids, branch_ids: [B, T] int32 (segment 0 = padding; branches optional), read
+        by the splash path only.
     Returns:
       ([B, T, D] or [B, n, D], updated cache or None).
     """
     c = self.cfg
+    kern = default_kernels(self.kernels)
     q_pos = positions
     if query_rows is not None:
       if cache is not None:
@@ -202,17 +220,26 @@ class Attention(nn.Module):
     b, t, n, h = q.shape
     g = n // c.num_kv_heads
     qg = q.reshape(b, t, c.num_kv_heads, g, h)
-    block = c.attention_query_block
-    causal = (cache is None and query_rows is None and c.attention_causal_block
-              and key.shape[1] == t)
-    if causal and c.attention_key_tile and block and t > block:
+    self_attention = cache is None and query_rows is None and key.shape[1] == t
+    block = kern.attention_query_block
+    causal = self_attention and kern.attention_causal_block
+    if self_attention and kern.attention == "splash":
+      if segment_ids is None:
+        raise ValueError("splash attention needs segment_ids (the layer context's)")
+      # Imported here: the Pallas TPU kernel is only traced when chosen.
+      from prefjax.models import splash_attention  # pylint: disable=import-outside-toplevel
+      encoded = splash_attention.splash_attention(
+          qg, key, val, segment_ids=segment_ids, positions=positions, branch_ids=branch_ids,
+          window=c.sliding_window if self.layer_type == LOCAL else None,
+          softcap=c.attn_logit_softcap)
+    elif causal and kern.attention_key_tile and block and t > block:
       per_row = b <= MAX_WINDOW_ROWS and not batch_is_split()
       encoded = window_flash_attention(qg, key, val, mask, c.attn_logit_softcap,
-                                       c.attention_causal_block, c.attention_key_tile, 0,
+                                       kern.attention_causal_block, kern.attention_key_tile, 0,
                                        per_row)
     elif causal:
       encoded = causal_blocked_attention(qg, key, val, mask, c.attn_logit_softcap,
-                                         c.attention_causal_block, block)
+                                         kern.attention_causal_block, block)
     elif cache is None and block and t > block:
       encoded = blocked_attention(qg, key, val, mask, c.attn_logit_softcap, block)
     else:
@@ -252,11 +279,14 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   layer_type: str = GLOBAL
+  kernels: Kernels | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: dict[str, jax.Array],
                cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-    """x [B,T,D]; ctx holds `positions` [B,T], `mask_global`/`mask_local` [B,T,S], `cache_index`.
+    """x [B,T,D]; ctx holds `positions`, `segment_ids`, `branch_ids` (or None) [B,T],
+    `mask_global`/`mask_local` [B,T,S] (absent when no attention call needs them) and
+    `cache_index`.
 
     With `ctx["readout"]` [B, n] (slot indices, no cache) only those slots' outputs are
     computed: keys and values come from all T slots, the queries, residual and MLP from the n
@@ -266,11 +296,12 @@ class Block(nn.Module):
     c = self.cfg
     norm = lambda name: RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps,  # noqa: E731
                                 param_dtype=c.jnp_param_dtype, name=name)
-    mask = ctx["mask_local"] if self.layer_type == LOCAL else ctx["mask_global"]
+    mask = ctx.get("mask_local" if self.layer_type == LOCAL else "mask_global")
     readout = ctx.get("readout")
-    h, cache = Attention(c, self.layer_type, name="attn")(
+    h, cache = Attention(c, self.layer_type, self.kernels, name="attn")(
         norm("pre_attention_norm")(x), ctx["positions"], mask, cache, ctx.get("cache_index"),
-        query_rows=readout)
+        query_rows=readout, segment_ids=ctx.get("segment_ids"),
+        branch_ids=ctx.get("branch_ids"))
     if c.use_post_attn_norm:
       h = norm("post_attention_norm")(h)
     if readout is not None:
@@ -291,6 +322,7 @@ class BlockGroup(nn.Module):
 
   cfg: ModelConfig
   block_cls: Any = Block
+  kernels: Kernels | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: dict[str, jax.Array],
@@ -299,5 +331,6 @@ class BlockGroup(nn.Module):
     new = {}
     for j, t in enumerate(pattern):
       sub = None if cache is None else cache[f"layer_{j}"]
-      x, new[f"layer_{j}"] = self.block_cls(self.cfg, t, name=f"layer_{j}")(x, ctx, sub)
+      x, new[f"layer_{j}"] = self.block_cls(self.cfg, t, self.kernels, name=f"layer_{j}")(
+          x, ctx, sub)
     return x, (None if cache is None else new)

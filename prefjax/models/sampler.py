@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from prefjax.models.api import Params, logits_from_hidden
 from prefjax.models.config import ModelConfig
+from prefjax.models.kernels import Kernels, default_kernels
 from prefjax.models.transformer import Transformer, init_cache
 
 
@@ -67,16 +68,18 @@ def left_align(prompt_tokens: jax.Array,
 
 
 def _step_logits(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
-                 segments: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+                 segments: jax.Array, cache: Any, kernels: Kernels | None = None
+                 ) -> tuple[jax.Array, Any]:
   """Runs `tokens [B, T]` through the cached decoder; returns last-slot logits [B, V]."""
-  hidden, cache = Transformer(cfg).apply({"params": params}, tokens, positions, segments,
+  hidden, cache = Transformer(cfg, kernels).apply({"params": params}, tokens, positions, segments,
                                          cache=cache)
   return logits_from_hidden(cfg, params, hidden[:, -1:])[:, 0], cache
 
 
 def sample(cfg: ModelConfig, params: Params, prompt_tokens: Any, prompt_lengths: Any,
            rng: Any = 0, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0, stop_tokens: Any = (), pad_id: int = 0) -> SampleOutput:
+           top_p: float = 1.0, stop_tokens: Any = (), pad_id: int = 0,
+           kernels: Kernels | None = None) -> SampleOutput:
   """Generates up to `max_new_tokens` per row (jitted; compiles once per static setting).
 
   Args:
@@ -85,6 +88,8 @@ def sample(cfg: ModelConfig, params: Params, prompt_tokens: Any, prompt_lengths:
     rng: PRNG key or int seed (unused when greedy).
     temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off.
     stop_tokens: token ids; a row is done after emitting one (it is kept in the output).
+    kernels: how attention is computed (None: the default backend's `Kernels.for_platform`;
+      cached attention always takes the XLA path).
   Returns:
     SampleOutput(tokens [B, max_new_tokens], lengths [B], done [B]).
   """
@@ -93,20 +98,20 @@ def sample(cfg: ModelConfig, params: Params, prompt_tokens: Any, prompt_lengths:
   return _sample(cfg, params, jnp.asarray(prompt_tokens, jnp.int32),
                  jnp.asarray(prompt_lengths, jnp.int32), rng, stops,
                  max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                 top_p=float(top_p), pad_id=int(pad_id))
+                 top_p=float(top_p), pad_id=int(pad_id), kernels=default_kernels(kernels))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "cfg", "max_new_tokens", "temperature", "top_k", "top_p", "pad_id"))
+    "cfg", "max_new_tokens", "temperature", "top_k", "top_p", "pad_id", "kernels"))
 def _sample(cfg: ModelConfig, params: Params, prompt_tokens: jax.Array,
             prompt_lengths: jax.Array, rng: jax.Array, stops: jax.Array, *,
             max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-            pad_id: int) -> SampleOutput:
+            pad_id: int, kernels: Kernels) -> SampleOutput:
   """Prefill + `lax.while_loop` decode (see `sample`)."""
   b, p = prompt_tokens.shape
   tokens, segments, positions = left_align(prompt_tokens, prompt_lengths)
   cache = init_cache(cfg, b, p + max_new_tokens)
-  logits, cache = _step_logits(cfg, params, tokens, positions, segments, cache)
+  logits, cache = _step_logits(cfg, params, tokens, positions, segments, cache, kernels)
   pick = functools.partial(choose, temperature=temperature, top_k=top_k, top_p=top_p)
 
   def cond(state):
@@ -122,7 +127,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_tokens: jax.Array,
     done = done | jnp.isin(nxt, stops)
     pos = (prompt_lengths + step)[:, None]
     logits, cache = _step_logits(cfg, params, nxt[:, None], pos, jnp.ones((b, 1), jnp.int32),
-                                 cache)
+                                 cache, kernels)
     return step + 1, cache, logits, out, done, lengths, rng
 
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)

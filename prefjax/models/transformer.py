@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.models.config import LOCAL, ModelConfig
+from prefjax.models.kernels import Kernels, default_kernels
 from prefjax.models.layers import Block, BlockGroup, RMSNorm, constrain, lp, normal_init
 
 Cache = dict[str, Any]
@@ -104,13 +105,19 @@ class Embedder(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Gemma-family decoder returning final-norm hidden states [B, T, D] (and the updated cache)."""
+  """Gemma-family decoder returning final-norm hidden states [B, T, D] (and the updated cache).
+
+  `kernels` (None: the default backend's `Kernels.for_platform`) reaches every layer's
+  attention; it changes how attention is computed, never the parameters.
+  """
 
   cfg: ModelConfig
+  kernels: Kernels | None = None
 
   def _layers(self, x: jax.Array, ctx: dict[str, Any],
               cache: Cache | None) -> tuple[jax.Array, Cache]:
     c = self.cfg
+    kern = default_kernels(self.kernels)
     block_cls = _remat(Block, c)
     new: Cache = {}
     start = 0
@@ -118,9 +125,9 @@ class Transformer(nn.Module):
     groups = c.num_layers // period if c.scan_layers else 0
     if groups:
       if period == 1:
-        unit, args = block_cls, (c, c.attention_pattern[0])
+        unit, args = block_cls, (c, c.attention_pattern[0], kern)
       else:
-        unit, args = BlockGroup, (c, block_cls)
+        unit, args = BlockGroup, (c, block_cls, kern)
       scanned = nn.scan(unit, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0), length=groups,
                         metadata_params={nn.PARTITION_NAME: "layers"})
@@ -130,7 +137,7 @@ class Transformer(nn.Module):
     types = c.layer_types
     for i in range(start, c.num_layers):
       name = f"layer_{i}"
-      x, new[name] = block_cls(c, types[i], name=name)(
+      x, new[name] = block_cls(c, types[i], kern, name=name)(
           x, ctx, None if cache is None else cache[name])
     return x, new
 
@@ -167,9 +174,12 @@ class Transformer(nn.Module):
       k_index = jnp.arange(k_pos.shape[1], dtype=jnp.int32)
     mask_args = dict(q_branches=branch_ids, k_branches=k_br, q_positions=positions,
                      k_positions=k_pos)
-    ctx = {"positions": positions, "cache_index": None if cache is None else cache["index"],
-           **layer_masks(c, c.attention_pattern, q_index, k_index, segment_ids, k_seg,
-                         **mask_args)}
+    ctx = {"positions": positions, "segment_ids": segment_ids, "branch_ids": branch_ids,
+           "cache_index": None if cache is None else cache["index"]}
+    # Splash attention builds its masks from the ids itself: no [B, T, S] mask without a cache.
+    if cache is not None or default_kernels(self.kernels).attention != "splash":
+      ctx.update(layer_masks(c, c.attention_pattern, q_index, k_index, segment_ids, k_seg,
+                             **mask_args))
     x = constrain(Embedder(c, name="embedder")(tokens), ("batch", "length", "activation_embed"))
     x, layer_cache = self._layers(x, ctx, None if cache is None else cache["layers_cache"])
     if not final_norm:
@@ -209,6 +219,7 @@ class ReadoutLayer(nn.Module):
 
   cfg: ModelConfig
   layer_type: str
+  kernels: Kernels | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -216,11 +227,12 @@ class ReadoutLayer(nn.Module):
     """x [B, T, D] (residual stream after the other layers), readout [B, n] -> [B, n, D]."""
     c = self.cfg
     idx = jnp.arange(x.shape[1], dtype=jnp.int32)
-    ctx = {"positions": positions, "cache_index": None, "readout": readout,
+    ctx = {"positions": positions, "segment_ids": segment_ids, "branch_ids": branch_ids,
+           "cache_index": None, "readout": readout,
            **layer_masks(c, (self.layer_type,), idx, idx, segment_ids, segment_ids,
                          q_branches=branch_ids, k_branches=branch_ids, q_positions=positions,
                          k_positions=positions)}
-    x, _ = _remat(Block, c)(c, self.layer_type, name="last")(x, ctx, None)
+    x, _ = _remat(Block, c)(c, self.layer_type, self.kernels, name="last")(x, ctx, None)
     return RMSNorm(plus_one=c.norm_scale_plus_one, eps=c.norm_eps,
                    param_dtype=c.jnp_param_dtype, name="final_norm")(x)
 

@@ -48,18 +48,19 @@ def run_eval(eval_fn: Callable, params: Any, ref_params: Any,
 
 
 def diagnostics(params: Any, ref_params: Optional[Any], batch: dict[str, jax.Array], *,
-                model_cfg: Any, layout: str, k: int = 10, chunk_size: int = 128) -> dict:
+                model_cfg: Any, layout: str, k: int = 10, chunk_size: int = 128,
+                kernels: Any = None) -> dict:
   """Mean per-response-token policy–reference KL and top-k entropy / mass of the policy."""
   rows, _, _ = tasks_lib.flatten_rows(batch, layout)
   mask = rows["loss_mask"].astype(jnp.float32)
   denom = jnp.maximum(mask.sum(), 1.0)
-  h = tasks_lib.forward(model_cfg, params, rows)
+  h = tasks_lib.forward(model_cfg, params, rows, kernels=kernels)
   w = models.unembedding(model_cfg, params)
   ent, mass = ops.topk_entropy_and_mass(h, w, k=k, chunk_size=chunk_size,
                                         logit_softcap=model_cfg.final_logit_softcap)
   out = {"topk_entropy": (ent * mask).sum() / denom, "topk_mass": (mass * mask).sum() / denom}
   if ref_params is not None:
-    hr = tasks_lib.forward(model_cfg, ref_params, rows)
+    hr = tasks_lib.forward(model_cfg, ref_params, rows, kernels=kernels)
     kl = ops.token_kl_from_hidden(h, w, hr, models.unembedding(model_cfg, ref_params),
                                   chunk_size=chunk_size,
                                   logit_softcap=model_cfg.final_logit_softcap)
@@ -68,10 +69,10 @@ def diagnostics(params: Any, ref_params: Optional[Any], batch: dict[str, jax.Arr
 
 
 def jit_diagnostics(model_cfg: Any, layout: str, param_sh: Any, ref_sh: Any, batch_sh: Any,
-                    mesh: Mesh, k: int, chunk_size: int) -> Callable:
+                    mesh: Mesh, k: int, chunk_size: int, kernels: Any = None) -> Callable:
   def fn(params, ref_params, batch):
     return diagnostics(params, ref_params, batch, model_cfg=model_cfg, layout=layout, k=k,
-                       chunk_size=chunk_size)
+                       chunk_size=chunk_size, kernels=kernels)
   return jax.jit(fn, in_shardings=(param_sh, ref_sh, batch_sh),
                  out_shardings=NamedSharding(mesh, P()))
 

@@ -202,6 +202,7 @@ class Round:
 
   def __init__(self, config: Any, mesh: Any, rules: Any):
     self.config, self.mesh, self.rules = config, mesh, rules
+    self.kernels = builders.kernels_for_mesh(config, mesh)  # sampling and scoring
     self.tokenizer = data_lib.load_tokenizer(data_config_lib.get(config.data, "tokenizer"))
     self.template = templates_lib.get_template(
         data_config_lib.get(config.data, "chat_template"))
@@ -225,11 +226,12 @@ class Round:
     if a.kind == "explicit":
       cfg, params = eval_tasks.load_reward_model(a.path, c.model, mesh=self.mesh,
                                                  rules=self.rules)
-      return scoring.reward_score_fn(cfg, params)
+      return scoring.reward_score_fn(cfg, params, kernels=self.kernels)
     if a.kind == "implicit":
       fn, info, _, _ = eval_tasks.implicit_scorer(
           a.path, a.get("reference"), c.model, method=a.get("method"), beta=a.get("beta"),
-          mesh=self.mesh, rules=self.rules, chunk_size=int(c.train.get("logps_chunk_size", 128)))
+          mesh=self.mesh, rules=self.rules, chunk_size=int(c.train.get("logps_chunk_size", 128)),
+          kernels=self.kernels)
       logging.info("implicit annotator: %s", info)
       return fn
     raise ConfigError(f"config.annotator.kind={a.kind!r}; expected 'explicit' or 'implicit'")
@@ -263,7 +265,8 @@ class Round:
                                         mesh=self.mesh, rules=self.rules)
     settings = dataclasses.replace(self.settings, seed=seed)
     ids = gen.sample_responses(cfg, params, prompts, settings, stop=self.stop,
-                               pad_id=self.tokenizer.pad_id, prompt_width=self.max_prompt)
+                               pad_id=self.tokenizer.pad_id, prompt_width=self.max_prompt,
+                               kernels=self.kernels)
     texts = [[self.tokenizer.decode(x) for x in row] for row in ids]
     seqs = self._seqs(prompts, texts)
     scores = self._score(self.annotate, seqs).reshape(len(prompts), k)
@@ -273,7 +276,8 @@ class Round:
         self.initial = eval_tasks.load_model(c.model.init, c.model, task="preference",
                                              mesh=self.mesh, rules=self.rules)
       ratio = scoring.implicit_score_fn(cfg, params, self.initial[1], method="dpo", beta=1.0,
-                                        chunk_size=int(c.train.get("logps_chunk_size", 128)))
+                                        chunk_size=int(c.train.get("logps_chunk_size", 128)),
+                                        kernels=self.kernels)
       kl = float(np.mean(self._score(ratio, seqs)))
     lengths = [len(x) for row in ids for x in row]
     stats = {"policy_index": index, "policy": policy_path, "num_prompts": len(prompts),

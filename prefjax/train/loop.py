@@ -91,8 +91,11 @@ class Trainer:
     self.task_name = config.task
     self.ref_mode = config.reference.mode if self.task_name in ("preference", "kto") else "none"
     self.layout = data_io.layout(config)
+    # The kernel choices of every program of the run: the mesh platform's defaults with the
+    # `config.kernels.*` keys that are set.
+    self.kernels = builders.kernels_for_mesh(config, mesh)
     self.head = tasks_lib.HeadOptions(
-        int(config.train.logps_chunk_size), config.train.get("logps_implementation") or None,
+        int(config.train.logps_chunk_size), self.kernels.logps_implementation,
         bool(config.train.get("logps_compact", True)),
         int(config.train.get("logps_compact_chunk_size", 512)))
     self.ckpt = None
@@ -109,7 +112,7 @@ class Trainer:
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, self.total_steps)
     self.task = tasks_lib.make_task(
         self.task_name, model_cfg=self.model_cfg, layout=self.layout, loss_config=config.loss,
-        ref_mode=self.ref_mode, chunk_size=self.head)
+        ref_mode=self.ref_mode, chunk_size=self.head, kernels=self.kernels)
     has_ref = self.ref_mode == "model"
     self.state_sh = state_lib.state_shardings(self.tx, self.abstract_params, self.param_sh,
                                               mesh, has_ref)
@@ -140,6 +143,7 @@ class Trainer:
       from prefjax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
       data = json.loads(self.config.to_json_best_effort())
       data["resolved_model"] = model_config_lib.config_to_dict(self.model_cfg)
+      data["resolved_kernels"] = self.kernels.to_dict()  # how it ran (not loaded back)
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True)
 
@@ -173,7 +177,8 @@ class Trainer:
     """One pass of the reference over the train (and eval) batches, into the cache."""
     c = self.config
     self.ref_cache = data_io.ref_cache(c, self.workdir).load()
-    fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, self.head, self.param_sh, self.mesh)
+    fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, self.head, self.param_sh, self.mesh,
+                             self.kernels)
     start = self.train_iter.get_state()
     ref_lib.precompute(self.ref_cache, fn, ref_params, self.train_iter, self.mesh,
                        num_batches=self.total_steps)
@@ -278,8 +283,7 @@ class Trainer:
       self.batch_sh = step_lib.batch_shardings(batch, self.mesh)
       self.step_fn = step_lib.jit_train_step(
           self.task, self.tx, self.schedule, self.state_sh, self.batch_sh, self.mesh,
-          accum_steps=int(self.config.optim.grad_accum_steps),
-          cpu_scheduler=self.config.train.get("cpu_scheduler", "memory_optimized"))
+          accum_steps=int(self.config.optim.grad_accum_steps), kernels=self.kernels)
     with jax.transfer_guard("disallow"):
       return self.step_fn(state, batch)
 
@@ -339,12 +343,11 @@ class Trainer:
     bsh = step_lib.batch_shardings(batch, self.mesh)
     ref_sh = self.param_sh if has_ref else None
     self.eval_fn = step_lib.jit_eval_step(
-        self.task, self.param_sh, ref_sh, bsh, self.mesh,
-        cpu_scheduler=c.train.get("cpu_scheduler", "memory_optimized"))
+        self.task, self.param_sh, ref_sh, bsh, self.mesh, kernels=self.kernels)
     if self.task_name in ("preference", "sft") and c.eval.get("diagnostics", True):
       self.diag_fn = eval_lib.jit_diagnostics(
           self.model_cfg, self.layout, self.param_sh, ref_sh, bsh, self.mesh,
-          int(c.eval.get("topk", 10)), int(c.train.logps_chunk_size))
+          int(c.eval.get("topk", 10)), int(c.train.logps_chunk_size), self.kernels)
 
   def _maybe_save(self, step: int, state, data_iter, evals) -> None:
     if self._save_due(step) or (evals and self.ckpt.best_metric):

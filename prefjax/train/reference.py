@@ -95,12 +95,16 @@ class RefLogpsCache:
     self._dirty = False
 
 
-def make_ref_fn(model_cfg: Any, layout: str, chunk_size: int, param_sh: Any, mesh: Mesh
-                ) -> Callable:
-  """Jitted `(ref_params, batch) -> [rows, ..., 2]` summed reference log-probs, row-sharded."""
+def make_ref_fn(model_cfg: Any, layout: str, chunk_size: Any, param_sh: Any, mesh: Mesh,
+                kernels: Any = None) -> Callable:
+  """Jitted `(ref_params, batch) -> [rows, ..., 2]` summed reference log-probs, row-sharded.
+
+  `chunk_size`: an int or a `tasks.HeadOptions`; `kernels`: `models.Kernels` (None: the
+  default backend's)."""
   def fn(params, batch):
     rows, seq_ids, num_seq = tasks_lib.flatten_rows(batch, layout)
-    _, sums, _ = tasks_lib.sequence_logps(model_cfg, params, rows, seq_ids, num_seq, chunk_size)
+    _, sums, _ = tasks_lib.sequence_logps(model_cfg, params, rows, seq_ids, num_seq, chunk_size,
+                                          kernels)
     lead = batch["tokens"].shape[0]
     out = sums.reshape(lead, -1, 2)
     return out[:, 0] if layout not in ("packed", "prompt_shared") else out

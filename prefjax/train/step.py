@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prefjax import sharding as sharding_lib
+from prefjax.models.kernels import CPU_SCHEDULERS, Kernels  # noqa: F401  (CPU_SCHEDULERS re-exported)
 from prefjax.train.state import TrainState
 from prefjax.train.tasks import Stats, Task
 
@@ -122,53 +123,64 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: sharding_lib.batch_sharding(mesh, len(x.shape)), batch)
 
 
-# `config.train.cpu_scheduler` -> XLA:CPU's `xla_cpu_scheduler_type` (None: XLA's default).
-CPU_SCHEDULERS = {"memory_optimized": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-                  "concurrency_optimized": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
-                  "xla_default": None}
+def mesh_platform(mesh: Mesh) -> str:
+  """Platform of the mesh's devices ("cpu", "tpu", "gpu"): what the step is compiled for
+  (an AOT TPU topology mesh on a CPU host says "tpu")."""
+  return mesh.devices.flat[0].platform
 
 
-def compiler_options(cpu_scheduler: str = "memory_optimized", num_devices: int = 1
-                     ) -> Optional[dict[str, str]]:
-  """`jax.jit(compiler_options=...)` for the step functions; None off the CPU backend.
+def compiler_options(kernels: Optional[Kernels] = None, num_devices: int = 1,
+                     platform: Optional[str] = None) -> Optional[dict[str, str]]:
+  """`jax.jit(compiler_options=...)` for the step functions; None off the CPU platform.
 
-  On XLA:CPU the default (concurrency-optimised) instruction scheduler starts independent
-  ops early so they can run side by side, which keeps their buffers alive together: the
-  46M DPO step held 2.6 GB of temporaries. The memory-optimised scheduler orders for live
-  memory instead; measured side by side (docs/performance.md, "CPU scheduler") it lowered
-  the step's peak RSS and did not slow it down.
+  `kernels.cpu_scheduler` (None kernels: the platform's defaults) picks XLA:CPU's instruction
+  scheduler. On XLA:CPU the default (concurrency-optimised) scheduler starts independent ops
+  early so they can run side by side, which keeps their buffers alive together: the 46M DPO
+  step held 2.6 GB of temporaries. The memory-optimised scheduler orders for live memory
+  instead; measured side by side (docs/performance.md, "CPU scheduler") it lowered the step's
+  peak RSS and did not slow it down.
 
   It is applied to single-device programs only: with several (simulated) CPU devices in one
   process, a memory-optimised step deadlocked in an all-gather rendezvous (XLA aborts after
   40 s: "Expected 8 threads to join the rendezvous, but only 3 of them arrived"; seen with 8
   fake devices on 2 cores in tests/train/test_iterative.py). TPU / GPU compilers are not
   given the option.
+
+  Args:
+    kernels: the run's `models.Kernels`.
+    num_devices: devices of the program's mesh.
+    platform: the mesh's platform (`mesh_platform`; None: `jax.default_backend()`).
   """
-  if cpu_scheduler not in CPU_SCHEDULERS:
-    raise ValueError(f"config.train.cpu_scheduler={cpu_scheduler!r}; expected one of "
-                     f"{', '.join(CPU_SCHEDULERS)}")
-  kind = CPU_SCHEDULERS[cpu_scheduler]
-  if kind is None or num_devices > 1 or jax.default_backend() != "cpu":
+  platform = platform or jax.default_backend()
+  if kernels is None:
+    kernels = Kernels.for_platform(platform)
+  kind = CPU_SCHEDULERS[kernels.cpu_scheduler]
+  if kind is None or num_devices > 1 or platform != "cpu":
     return None
   return {"xla_cpu_scheduler_type": kind}
 
 
 def jit_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    state_sh: TrainState, batch_sh: Any, mesh: Mesh, *,
-                   accum_steps: int = 1, cpu_scheduler: str = "memory_optimized") -> Callable:
-  """`jax.jit(train_step)` with explicit shardings and the state donated."""
+                   accum_steps: int = 1, kernels: Optional[Kernels] = None) -> Callable:
+  """`jax.jit(train_step)` with explicit shardings and the state donated.
+
+  `kernels`: the ones `task` was built with (their `cpu_scheduler` sets the compiler options;
+  None: the mesh platform's defaults)."""
   repl = NamedSharding(mesh, P())
   fn = functools.partial(train_step, task=task, tx=tx, schedule=schedule,
                          accum_steps=accum_steps)
   return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                  donate_argnums=0,
-                 compiler_options=compiler_options(cpu_scheduler, mesh.devices.size))
+                 compiler_options=compiler_options(kernels, mesh.devices.size,
+                                                   mesh_platform(mesh)))
 
 
 def jit_eval_step(task: Task, param_sh: Any, ref_sh: Any, batch_sh: Any, mesh: Mesh, *,
-                  cpu_scheduler: str = "memory_optimized") -> Callable:
+                  kernels: Optional[Kernels] = None) -> Callable:
   """Jitted `eval_step` returning replicated `(sum, count)` statistics."""
   repl = NamedSharding(mesh, P())
   return jax.jit(functools.partial(eval_step, task=task),
                  in_shardings=(param_sh, ref_sh, batch_sh), out_shardings=repl,
-                 compiler_options=compiler_options(cpu_scheduler, mesh.devices.size))
+                 compiler_options=compiler_options(kernels, mesh.devices.size,
+                                                   mesh_platform(mesh)))

@@ -79,12 +79,15 @@ def flatten_rows(batch: dict[str, jax.Array], layout: str
 
 
 def forward(model_cfg: Any, params: Any, rows: dict[str, jax.Array],
-            readout: Optional[jax.Array] = None) -> jax.Array:
-  """Final hidden states [R, L, D] of the decoder ([R, n, D] at `readout` slots [R, n])."""
+            readout: Optional[jax.Array] = None, kernels: Optional[Any] = None) -> jax.Array:
+  """Final hidden states [R, L, D] of the decoder ([R, n, D] at `readout` slots [R, n]).
+
+  kernels: `models.Kernels` (None: the default backend's)."""
   kw = {"segment_ids": rows["segment_ids"], "positions": rows["positions"]}
   if "branch_ids" in rows:
     kw["branch_ids"] = rows["branch_ids"]
-  return models.forward_hidden(model_cfg, params, rows["tokens"], readout=readout, **kw)
+  return models.forward_hidden(model_cfg, params, rows["tokens"], readout=readout,
+                               kernels=kernels, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +96,8 @@ class HeadOptions:
 
   Attributes:
     chunk_size: positions per chunk (of every row at once).
-    implementation: "custom_vjp" | "checkpoint" | None (the ops default).
+    implementation: "custom_vjp" | "saved_logits" | "checkpoint" | None (the ops default);
+      the trainer takes it from its `models.Kernels.logps_implementation`.
     compact: compute log-probs only at loss positions (`ops.token_logps_from_hidden`'s
       `where`): prompt and padding positions are dropped before the head, which then
       runs on chunks of `compact_chunk_size` compacted positions.
@@ -138,9 +142,10 @@ def token_logps(model_cfg: Any, params: Any, hidden: jax.Array, targets: jax.Arr
 
 
 def sequence_logps(model_cfg: Any, params: Any, rows: dict[str, jax.Array], seq_ids: jax.Array,
-                   num_seq: int, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   num_seq: int, chunk_size: int, kernels: Optional[Any] = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(hidden [R,L,D], sums [R, num_seq], counts [R, num_seq])` of response log-probs."""
-  hidden = forward(model_cfg, params, rows)
+  hidden = forward(model_cfg, params, rows, kernels=kernels)
   lp = token_logps(model_cfg, params, hidden, rows["targets"], chunk_size,
                    where=(rows["loss_mask"] > 0) & (seq_ids > 0))
   sums, counts = ops.segment_logps(lp, rows["loss_mask"], seq_ids, num_seq)
@@ -178,12 +183,14 @@ def _sum(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _paired_logps(params: Any, ref_params: Optional[Any], batch: dict[str, jax.Array], *,
-                  model_cfg: Any, layout: str, ref_mode: str, chunk_size: int):
+                  model_cfg: Any, layout: str, ref_mode: str, chunk_size: int,
+                  kernels: Optional[Any] = None):
   """Policy (and reference) summed log-probs of every pair as `PairedLogps` [N], weights [N]."""
   rows, seq_ids, num_seq = flatten_rows(batch, layout)
   ref = None
   if ref_mode == "model":
-    _, rsums, _ = sequence_logps(model_cfg, ref_params, rows, seq_ids, num_seq, chunk_size)
+    _, rsums, _ = sequence_logps(model_cfg, ref_params, rows, seq_ids, num_seq, chunk_size,
+                                 kernels)
     ref = jax.lax.stop_gradient(rsums.reshape(-1, 2))
     # The reference pass runs to completion before the policy pass starts: left
     # independent, XLA:CPU interleaves the two and both slow down (measured 10.2 s vs
@@ -191,7 +198,8 @@ def _paired_logps(params: Any, ref_params: Optional[Any], batch: dict[str, jax.A
     ref, params = jax.lax.optimization_barrier((ref, params))
   elif ref_mode == "precomputed":
     ref = batch["ref_logps"].reshape(-1, 2).astype(jnp.float32)
-  _, sums, counts = sequence_logps(model_cfg, params, rows, seq_ids, num_seq, chunk_size)
+  _, sums, counts = sequence_logps(model_cfg, params, rows, seq_ids, num_seq, chunk_size,
+                                   kernels)
   sums, counts = sums.reshape(-1, 2), counts.reshape(-1, 2)
   lp = losses_lib.PairedLogps(
       chosen=sums[:, 0], rejected=sums[:, 1],
@@ -219,27 +227,28 @@ def paired_stats(out: Any, lp: Any, w: jax.Array) -> Stats:
 
 
 def preference_loss(params, ref_params, batch, *, model_cfg, layout, ref_mode, chunk_size,
-                    loss, loss_kwargs):
+                    loss, loss_kwargs, kernels=None):
   """Any registered paired loss (DPO, IPO, SimPO, ...) on a pair layout."""
   lp, w = _paired_logps(params, ref_params, batch, model_cfg=model_cfg, layout=layout,
-                        ref_mode=ref_mode, chunk_size=chunk_size)
+                        ref_mode=ref_mode, chunk_size=chunk_size, kernels=kernels)
   out = loss(lp, **loss_kwargs)
   loss_sum, n = _sum(out.loss, w)
   stats = {"loss": (loss_sum, n), **paired_stats(out, lp, w)}
   return loss_sum, stats
 
 
-def reward_scores_at_last(params, batch, *, model_cfg, layout):
+def reward_scores_at_last(params, batch, *, model_cfg, layout, kernels=None):
   """Reward-head scores [R, num_seq, H] read at the last real token of every sequence."""
   rows, seq_ids, num_seq = flatten_rows(batch, layout)
   idx = last_token_index(seq_ids, num_seq)  # [R, S]
   # Only these slots are read: the last layer runs its queries and MLP there alone, and the
   # head sees [R, S, D] (`models.forward_hidden(readout=...)`).
-  h = forward(model_cfg, params, rows, readout=idx)  # [R, S, D]
+  h = forward(model_cfg, params, rows, readout=idx, kernels=kernels)  # [R, S, D]
   return models.reward_scores(model_cfg, params, h)  # [R, S, H]
 
 
-def reward_loss(params, ref_params, batch, *, model_cfg, layout, chunk_size, loss_kwargs):
+def reward_loss(params, ref_params, batch, *, model_cfg, layout, chunk_size, loss_kwargs,
+                kernels=None):
   """Bradley–Terry (optional margin, centring) or K-wise ranking loss on reward scores."""
   del ref_params, chunk_size
   kw = dict(loss_kwargs)
@@ -247,8 +256,10 @@ def reward_loss(params, ref_params, batch, *, model_cfg, layout, chunk_size, los
   center = float(kw.pop("center_rewards_coefficient", 0.0) or 0.0)
   use_margin = bool(kw.pop("use_margin", False))
   if layout == "rankings":
-    return _ranking_loss(params, batch, model_cfg=model_cfg, center=center, kw=kw)
-  scores = reward_scores_at_last(params, batch, model_cfg=model_cfg, layout=layout)
+    return _ranking_loss(params, batch, model_cfg=model_cfg, center=center, kw=kw,
+                         kernels=kernels)
+  scores = reward_scores_at_last(params, batch, model_cfg=model_cfg, layout=layout,
+                                 kernels=kernels)
   scores = scores.reshape(-1, 2, scores.shape[-1])  # [N, 2, H]
   c, r = scores[:, 0], scores[:, 1]
   w = pair_weights(batch, layout, scores.shape[0])
@@ -268,9 +279,10 @@ def reward_loss(params, ref_params, batch, *, model_cfg, layout, chunk_size, los
   return loss_sum, stats
 
 
-def _ranking_loss(params, batch, *, model_cfg, center, kw):
+def _ranking_loss(params, batch, *, model_cfg, center, kw, kernels=None):
   """K-wise ranking loss over [B, K] responses with `scores` labels."""
-  scores = reward_scores_at_last(params, batch, model_cfg=model_cfg, layout="rankings")
+  scores = reward_scores_at_last(params, batch, model_cfg=model_cfg, layout="rankings",
+                                 kernels=kernels)
   b, k = batch["scores"].shape
   s = scores.reshape(b, k, -1).mean(-1)  # [B, K]
   mask = batch["response_mask"].astype(jnp.float32)
@@ -291,11 +303,11 @@ def losses_lib_masked_mean_sq(s: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(s ** 2 * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
 
 
-def sft_loss(params, ref_params, batch, *, model_cfg, chunk_size):
+def sft_loss(params, ref_params, batch, *, model_cfg, chunk_size, kernels=None):
   """Token-mean negative log-likelihood of the response tokens."""
   del ref_params
   rows, _, _ = flatten_rows(batch, "sft")
-  hidden = forward(model_cfg, params, rows)
+  hidden = forward(model_cfg, params, rows, kernels=kernels)
   lp = token_logps(model_cfg, params, hidden, rows["targets"], chunk_size,
                    where=rows["loss_mask"] > 0)
   mask = rows["loss_mask"].astype(jnp.float32) * example_weights(batch, lp.shape[0])[:, None]
@@ -303,7 +315,8 @@ def sft_loss(params, ref_params, batch, *, model_cfg, chunk_size):
   return loss_sum, {"loss": (loss_sum, n)}
 
 
-def kto_loss(params, ref_params, batch, *, model_cfg, ref_mode, chunk_size, loss, loss_kwargs):
+def kto_loss(params, ref_params, batch, *, model_cfg, ref_mode, chunk_size, loss, loss_kwargs,
+             kernels=None):
   """KTO / BCO on unpaired examples with the mismatched KL batch."""
   main = {k: batch[k] for k in _ROW_KEYS}
   kl = {k: batch["kl_" + k] for k in _ROW_KEYS if "kl_" + k in batch}
@@ -311,7 +324,7 @@ def kto_loss(params, ref_params, batch, *, model_cfg, ref_mode, chunk_size, loss
   seq_ids = (both["segment_ids"] > 0).astype(both["segment_ids"].dtype)
 
   def seq(p):
-    _, s, _ = sequence_logps(model_cfg, p, both, seq_ids, 1, chunk_size)
+    _, s, _ = sequence_logps(model_cfg, p, both, seq_ids, 1, chunk_size, kernels)
     return s[:, 0]
 
   pol = seq(params)
@@ -348,25 +361,33 @@ def loss_kwargs_from_config(loss_config: Any, exclude: tuple[str, ...] = ("name"
 
 
 def make_task(name: str, *, model_cfg: Any, layout: str, loss_config: Any,
-              ref_mode: str = "none", chunk_size: int = 128) -> Task:
-  """Builds the task `name` (one of TASKS) for a batch layout and `config.loss`."""
+              ref_mode: str = "none", chunk_size: int = 128,
+              kernels: Optional[Any] = None) -> Task:
+  """Builds the task `name` (one of TASKS) for a batch layout and `config.loss`.
+
+  `chunk_size`: an int or a `HeadOptions`; `kernels`: the `models.Kernels` every forward of
+  the task runs with (None: the default backend's; the trainer resolves them from
+  `config.kernels` and the mesh's platform).
+  """
   if name == "sft":
-    fn = functools.partial(sft_loss, model_cfg=model_cfg, chunk_size=chunk_size)
+    fn = functools.partial(sft_loss, model_cfg=model_cfg, chunk_size=chunk_size,
+                           kernels=kernels)
     return Task(name, fn, _eval_fn(fn), False)
   if name == "reward":
     fn = functools.partial(reward_loss, model_cfg=model_cfg, layout=layout,
-                           chunk_size=chunk_size, loss_kwargs=loss_kwargs_from_config(loss_config))
+                           chunk_size=chunk_size, loss_kwargs=loss_kwargs_from_config(loss_config),
+                           kernels=kernels)
     return Task(name, fn, _eval_fn(fn), False)
   if name == "preference":
     loss = losses_lib.get(loss_config.name)
     fn = functools.partial(preference_loss, model_cfg=model_cfg, layout=layout,
                            ref_mode=ref_mode, chunk_size=chunk_size, loss=loss,
-                           loss_kwargs=loss_kwargs_from_config(loss_config))
+                           loss_kwargs=loss_kwargs_from_config(loss_config), kernels=kernels)
     return Task(name, fn, _eval_fn(fn), ref_mode == "model")
   if name == "kto":
     loss = losses_lib.get_unpaired(loss_config.name)
     fn = functools.partial(kto_loss, model_cfg=model_cfg, ref_mode=ref_mode,
                            chunk_size=chunk_size, loss=loss,
-                           loss_kwargs=loss_kwargs_from_config(loss_config))
+                           loss_kwargs=loss_kwargs_from_config(loss_config), kernels=kernels)
     return Task(name, fn, _eval_fn(fn), ref_mode == "model")
   raise ValueError(f"unknown training task {name!r}; expected one of {TASKS}")

@@ -42,10 +42,17 @@ HLO = """HloModule step
   ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
+%cond.2 (p: (s32[], bf16[16,128])) -> pred[] {
+  %limit = s32[]{:T(128)} constant(5)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %limit), direction=LT
+}
+
 ENTRY %main (a: f32[64,32]) -> f32[16,32] {
   %a = f32[64,32]{1,0} parameter(0)
   %rs = f32[16,32]{1,0} reduce-scatter(f32[64,32]{1,0} %a), channel_id=2, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
   %w = (s32[], bf16[16,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %w2 = (s32[], bf16[16,128]{1,0}) while(%w), condition=%cond.2, body=%body
   %ar = f32[4]{0} all-reduce-start(f32[4]{0} %s), channel_id=3, replica_groups={{0,1,2,3}}, to_apply=%add
   %ard = f32[4]{0} all-reduce-done(f32[4]{0} %ar)
   ROOT %out = f32[16,32]{1,0} copy(%rs)
@@ -55,7 +62,8 @@ ENTRY %main (a: f32[64,32]) -> f32[16,32] {
 
 def test_collectives_count_loop_iterations_and_take_the_larger_buffer():
   c = hlo.collectives(HLO)
-  assert c["all-gather"] == {"count": 3, "bytes": 3 * 16 * 128 * 2}
+  # 3 iterations (annotated) + 5 (read off the scan's condition `i < 5`).
+  assert c["all-gather"] == {"count": 8, "bytes": 8 * 16 * 128 * 2}
   assert c["reduce-scatter"] == {"count": 1, "bytes": 64 * 32 * 4}
   assert c["all-reduce"] == {"count": 1, "bytes": 16}
   assert c["all-to-all"] == {"count": 0, "bytes": 0}

@@ -241,6 +241,7 @@ def test_compare_trl_tiny_prefjax_layouts_agree_sequential(tmp_path):
   assert not (tmp_path / "result.json.partial").exists()
   assert res["sides"]["prefjax:reward_shared"]["attention_causal_block"] == 128
   assert res["sides"]["prefjax:reward_shared"]["attention_key_tile"] == 64
+  assert res["sides"]["prefjax:reward_shared"]["kernels"]["attention_key_tile"] == 64
   sides = res["sides"]
   assert res["spec"]["schedule"] == "sequential"
   assert sides["prefjax:reward_shared"]["layout"] == "prompt_shared"

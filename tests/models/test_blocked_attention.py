@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 
 from prefjax import models
+from prefjax.models import Kernels
 from prefjax.models.layers import attend, blocked_attention, causal_blocked_attention
+
+# The independent reference: every query attends over the whole row under the mask.
+PLAIN = Kernels(attention="xla", attention_query_block=0, attention_causal_block=0)
 
 
 @pytest.mark.parametrize("t,block,softcap", [(12, 4, None), (11, 4, None), (9, 4, 5.0)])
@@ -40,9 +44,9 @@ def test_model_logits_unchanged_by_query_block():
   params = models.init_params(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 3, cfg.vocab_size)
   seg = jnp.ones((2, 10), jnp.int32).at[1, 7:].set(0)
-  want = models.forward(cfg.replace(attention_causal_block=0), params, tokens, segment_ids=seg)
-  got = models.forward(cfg.replace(attention_query_block=3, attention_causal_block=0), params,
-                       tokens, segment_ids=seg)
+  want = models.forward(cfg, params, tokens, segment_ids=seg, kernels=PLAIN)
+  got = models.forward(cfg, params, tokens, segment_ids=seg,
+                       kernels=PLAIN.replace(attention_query_block=3))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[1, :7], want[1, :7], rtol=1e-5, atol=1e-5)
 
@@ -100,10 +104,11 @@ def test_causal_blocked_skips_score_work():
 
 @pytest.mark.parametrize("preset,scan", [("tiny_gemma", True), ("tiny_gemma2", False)])
 def test_model_unchanged_by_causal_block(preset, scan):
-  """Logits and parameter gradients at real tokens do not depend on attention_causal_block
-  (packed segments, padding, MQA / GQA, Gemma 2 soft-capping and local layers, scanned layers)."""
+  """Logits and parameter gradients at real tokens do not depend on the kernels' causal and
+  query blocks (packed segments, padding, MQA / GQA, Gemma 2 soft-capping and local layers,
+  scanned layers)."""
   cfg = models.get_config(preset, scan_layers=scan)
-  params = models.init_params(cfg.replace(attention_causal_block=0), jax.random.PRNGKey(0))
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
   t = 13
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, t), 3, cfg.vocab_size)
   seg = np.ones((2, t), np.int32)
@@ -112,16 +117,17 @@ def test_model_unchanged_by_causal_block(preset, scan):
   seg = jnp.asarray(seg)
   real = (seg != 0)[..., None]
 
-  def loss(c):
+  def loss(kernels):
     def f(p):
-      logits = models.forward(c, p, tokens, segment_ids=seg)
+      logits = models.forward(cfg, p, tokens, segment_ids=seg, kernels=kernels)
       return jnp.sum(jax.nn.log_softmax(logits)[..., 7] * real[..., 0]), logits
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
-  (l0, logits0), g0 = loss(cfg.replace(attention_causal_block=0))(params)
+  (l0, logits0), g0 = loss(PLAIN)(params)
   for block, remat_block in ((4, 0), (3, 8)):
-    c = cfg.replace(attention_causal_block=block, attention_query_block=remat_block)
-    (l1, logits1), g1 = loss(c)(params)
+    kernels = Kernels.for_platform("cpu", attention_causal_block=block,
+                                   attention_query_block=remat_block)
+    (l1, logits1), g1 = loss(kernels)(params)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     np.testing.assert_allclose(jnp.where(real, logits1, 0), jnp.where(real, logits0, 0),
                                rtol=1e-4, atol=1e-5)

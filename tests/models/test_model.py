@@ -190,10 +190,11 @@ def test_sharded_init_matches_single_device():
   assert out.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
   # Causal query blocks of 3 slots under the same shardings: equal at every real token.
-  blocked = cfg.replace(attention_causal_block=3)
+  blocked = models.Kernels.for_platform("cpu", attention_causal_block=3)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding.LOGICAL_AXIS_RULES)):
-    out = jax.jit(models.forward, static_argnums=0, compiler_options=O0)(
-        blocked, sharded, batch[0], segment_ids=batch[1], positions=batch[2])
+    out = jax.jit(models.forward, static_argnums=0, static_argnames="kernels",
+                  compiler_options=O0)(
+        cfg, sharded, batch[0], segment_ids=batch[1], positions=batch[2], kernels=blocked)
   real = segs > 0
   np.testing.assert_allclose(np.asarray(out)[real], ref[real], rtol=1e-5, atol=1e-5)
 

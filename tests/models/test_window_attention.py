@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from prefjax import models
+from prefjax.models import Kernels
 from prefjax.models.layers import attend, attend_reference, batch_is_split
 from prefjax.models.transformer import attention_mask
 from prefjax.models.window_attention import (window_flash_attention, window_index,
@@ -124,11 +125,11 @@ def test_windows_skip_score_work():
 
 @pytest.mark.parametrize("preset,scan", [("tiny_gemma", True), ("tiny_gemma2", False)])
 def test_model_unchanged_by_key_windows(preset, scan):
-  """Loss, logits at real tokens and parameter gradients do not depend on attention_key_tile
-  (packed segments with prompt-sharing branches, padding, Gemma 2 soft-capping and local
-  layers, scanned layers)."""
-  cfg = models.get_config(preset, scan_layers=scan).replace(attention_causal_block=4,
-                                                            attention_query_block=8)
+  """Loss, logits at real tokens and parameter gradients do not depend on the kernels'
+  attention_key_tile (packed segments with prompt-sharing branches, padding, Gemma 2
+  soft-capping and local layers, scanned layers), and equal plain attention's."""
+  cfg = models.get_config(preset, scan_layers=scan)
+  blocks = Kernels.for_platform("cpu", attention_causal_block=4, attention_query_block=8)
   params = models.init_params(cfg, jax.random.PRNGKey(0))
   t = 21
   _, seg = _packed_rows(t, [[6, 9, 6], [13]], False)
@@ -137,20 +138,22 @@ def test_model_unchanged_by_key_windows(preset, scan):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, t), 3, cfg.vocab_size)
   real = jnp.asarray(seg != 0)[..., None]
 
-  def run(c):
+  def run(kernels):
     def f(p):
-      logits = models.forward(c, p, tokens, segment_ids=jnp.asarray(seg),
-                              branch_ids=jnp.asarray(br))
+      logits = models.forward(cfg, p, tokens, segment_ids=jnp.asarray(seg),
+                              branch_ids=jnp.asarray(br), kernels=kernels)
       return jnp.sum(jax.nn.log_softmax(logits)[..., 7] * real[..., 0]), logits
     return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
-  (l0, logits0), g0 = run(cfg.replace(attention_key_tile=0))
-  (l1, logits1), g1 = run(cfg.replace(attention_key_tile=2))
-  np.testing.assert_allclose(l1, l0, rtol=1e-5)
-  np.testing.assert_allclose(jnp.where(real, logits1, 0), jnp.where(real, logits0, 0),
-                             rtol=1e-4, atol=1e-5)
-  for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-5)
+  (l0, logits0), g0 = run(Kernels(attention="xla", attention_query_block=0,
+                                  attention_causal_block=0))
+  for kernels in (blocks, blocks.replace(attention_key_tile=2)):
+    (l1, logits1), g1 = run(kernels)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.where(real, logits1, 0), jnp.where(real, logits0, 0),
+                               rtol=1e-4, atol=1e-5)
+    for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-5)
 
 
 def test_batch_is_split_reads_the_mesh_and_rules():
@@ -163,5 +166,5 @@ def test_batch_is_split_reads_the_mesh_and_rules():
 
 
 def test_key_tile_must_not_be_negative():
-  with pytest.raises(ValueError, match="attention_key_tile"):
-    models.get_config("tiny_gemma").replace(attention_key_tile=-1)
+  with pytest.raises(ValueError, match="attention_key_tile=-1 must be >= 0"):
+    Kernels.for_platform("cpu", attention_key_tile=-1)

@@ -50,14 +50,19 @@ def pair_batch(b: int = 8, length: int = 16, seed: int = 0) -> dict[str, np.ndar
 
 def setup(mesh, *, task: str = "preference", loss_name: str = "dpo", ref_mode: str = "model",
           accum: int = 1, lr: float = 1e-2, seed: int = 0,
-          cpu_scheduler: str = "memory_optimized"):
-  """Returns `(state, step_fn)` for a tiny model on `mesh` (call inside the mesh context)."""
+          kernels: models.Kernels | None = None, cpu_scheduler: str | None = None):
+  """Returns `(state, step_fn)` for a tiny model on `mesh` (call inside the mesh context).
+
+  `kernels`: None = the mesh platform's defaults; `cpu_scheduler` replaces theirs."""
   cfg = model_cfg(task)
+  kernels = kernels or models.Kernels.for_platform(step_lib.mesh_platform(mesh))
+  if cpu_scheduler is not None:
+    kernels = kernels.replace(cpu_scheduler=cpu_scheduler)
   rules = sharding_lib.LOGICAL_AXIS_RULES
   loss_cfg = ml_collections.ConfigDict({"name": loss_name, "beta": 0.1}
                                        if task == "preference" else {"name": "bradley_terry"})
   task_obj = tasks_lib.make_task(task, model_cfg=cfg, layout="padded", loss_config=loss_cfg,
-                                 ref_mode=ref_mode, chunk_size=8)
+                                 ref_mode=ref_mode, chunk_size=8, kernels=kernels)
   tx, schedule = optim_lib.make_optimizer(optim_config(lr, accum), 100)
   param_sh = models.param_shardings(cfg, mesh, rules)
   abstract = models.abstract_params(cfg)
@@ -68,7 +73,7 @@ def setup(mesh, *, task: str = "preference", loss_name: str = "dpo", ref_mode: s
   state = state_lib.create_state(params, tx, state_sh, ref, seed)
   batch_sh = step_lib.batch_shardings(pair_batch(), mesh)
   fn = step_lib.jit_train_step(task_obj, tx, schedule, state_sh, batch_sh, mesh,
-                               accum_steps=accum, cpu_scheduler=cpu_scheduler)
+                               accum_steps=accum, kernels=kernels)
   return state, fn
 
 

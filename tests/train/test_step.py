@@ -75,15 +75,24 @@ def test_cpu_scheduler_choice_keeps_the_numbers():
 
 
 def test_cpu_scheduler_reaches_the_compiler(monkeypatch):
-  """The option is passed to XLA: an enum value XLA does not know fails the compilation."""
+  """The kernels' option is passed to XLA:CPU: an enum value XLA does not know fails the
+  compilation; other platforms never get it."""
+  from prefjax.models import Kernels
   from prefjax.train import step as step_lib
-  assert step_lib.compiler_options("memory_optimized") == {
+  cpu = Kernels.for_platform("cpu")
+  assert step_lib.compiler_options(cpu, platform="cpu") == {
       "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-  assert step_lib.compiler_options("xla_default") is None
+  assert step_lib.compiler_options(None, platform="cpu") == step_lib.compiler_options(
+      cpu, platform="cpu")  # None: the platform's defaults
+  assert step_lib.compiler_options(cpu.replace(cpu_scheduler="xla_default"),
+                                   platform="cpu") is None
   # Several devices in one process: never (an all-gather rendezvous deadlocked with it).
-  assert step_lib.compiler_options("memory_optimized", num_devices=8) is None
-  with pytest.raises(ValueError, match="config.train.cpu_scheduler"):
-    step_lib.compiler_options("fastest")
+  assert step_lib.compiler_options(cpu, num_devices=8, platform="cpu") is None
+  # Off CPU (e.g. an AOT compile for a TPU mesh on a CPU host): never, whatever the kernels.
+  assert step_lib.compiler_options(None, platform="tpu") is None
+  assert step_lib.compiler_options(cpu, platform="tpu") is None
+  with pytest.raises(ValueError, match="kernels.cpu_scheduler='fastest'"):
+    cpu.replace(cpu_scheduler="fastest")
   monkeypatch.setitem(step_lib.CPU_SCHEDULERS, "memory_optimized", "NOT_A_SCHEDULER")
   with pytest.raises(Exception, match="NOT_A_SCHEDULER"):
     helpers.run_steps(helpers.mesh_of(1), [helpers.pair_batch(8, seed=0)])

@@ -1,0 +1,95 @@
+r"""Compile every TPU recipe for its pods ahead of time (`prefjax.aot`), one JSON line each.
+
+Each recipe names its target slice in its docstring; the matrix compiles it there, on the
+next smaller slice it should still fit, and on a large pod (with the global batch scaled to
+the pod and, where the batch cannot cover every chip, tensor parallelism). No TPU is needed
+(libtpu compiles on this machine: `pip install "jax[tpu]==0.10.2"`); a 7B step takes minutes
+on 2 cores. Lines are appended to --out; `scripts/tpu_docs.py` turns them into docs/tpu.md.
+
+  python benchmarks/tpu_compile.py --out docs/bench/tpu_aot.jsonl
+  python benchmarks/tpu_compile.py --recipes dpo_gemma7b --roles target --out /tmp/x.jsonl
+  python benchmarks/tpu_compile.py --recipes dpo_gemma7b --roles target --variant splash_off \
+      --override kernels.attention=xla --out docs/bench/tpu_aot.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# recipe -> [(role, topology, extra --config overrides)]
+POD_V5E_256 = ["data.batch_size=256"]
+MATRIX: dict[str, list[tuple[str, str, list[str]]]] = {
+    "sft_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
+                    ("pod", "v5e:16x16", POD_V5E_256)],
+    "rm_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
+                   ("pod", "v5e:16x16", POD_V5E_256)],
+    "dpo_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
+                    ("pod", "v5e:16x16", POD_V5E_256)],
+    "orpo_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
+                     ("pod", "v5e:16x16", POD_V5E_256)],
+    "kto_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
+                    ("pod", "v5e:16x16", POD_V5E_256)],
+    "rm_gemma7b": [("target", "v5e:4x4", []), ("smaller", "v5e:2x4", []),
+                   ("pod", "v5e:16x16", POD_V5E_256)],
+    "dpo_gemma7b": [("target", "v5e:4x8", []), ("smaller", "v5e:4x4", []),
+                    ("pod", "v5e:16x16", POD_V5E_256)],
+    "simpo_gemma2_9b": [("target", "v5e:4x8", []), ("smaller", "v5e:4x4", []),
+                        ("pod", "v5e:16x16", POD_V5E_256)],
+}
+
+
+def compile_one(recipe: str, role: str, topology: str, overrides: list[str], variant: str,
+                programs: str, timeout: int) -> dict:
+  """Runs `python -m prefjax.aot` in a fresh process; returns its JSON report (+ labels)."""
+  cmd = [sys.executable, "-m", "prefjax.aot", f"--config=configs/{recipe}.py",
+         f"--topology={topology}", f"--programs={programs}",
+         *[f"--config.{o}" for o in overrides]]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+  lines = proc.stdout.strip().splitlines()
+  label = {"recipe": recipe, "role": role, "variant": variant, "overrides": overrides,
+           "command": "python -m prefjax.aot " + " ".join(cmd[3:]),
+           "wall_s": round(time.perf_counter() - t0, 1),
+           "date": time.strftime("%Y-%m-%d")}
+  if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+    return {**label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+  return {**label, **json.loads(lines[-1])}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--recipes", default=",".join(MATRIX), help="comma-separated recipe names")
+  p.add_argument("--roles", default="target,smaller,pod", help="which rows of each recipe")
+  p.add_argument("--override", action="append", default=[],
+                 help="extra --config.KEY=VALUE for every compile (repeatable)")
+  p.add_argument("--variant", default="default", help="label of this set of overrides")
+  p.add_argument("--programs", default="train,eval,diagnostics,reference")
+  p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
+  p.add_argument("--out", required=True, help="JSON lines file to append to")
+  a = p.parse_args()
+  roles = a.roles.split(",")
+  for recipe in a.recipes.split(","):
+    if recipe not in MATRIX:
+      p.error(f"unknown recipe {recipe!r}; known: {', '.join(MATRIX)}")
+    for role, topology, extra in MATRIX[recipe]:
+      if role not in roles:
+        continue
+      r = compile_one(recipe, role, topology, extra + a.override, a.variant, a.programs,
+                      a.timeout)
+      line = json.dumps(r, sort_keys=True)
+      print(line, flush=True)
+      os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+      with open(a.out, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  main()
