@@ -8,6 +8,8 @@ on 2 cores. Lines are appended to --out; `scripts/tpu_docs.py` turns them into d
 
   python benchmarks/tpu_compile.py --out docs/bench/tpu_aot.jsonl
   python benchmarks/tpu_compile.py --recipes dpo_gemma7b --roles target --out /tmp/x.jsonl
+  python benchmarks/tpu_compile.py --recipes sft_gemma7b_anchor,dpo_gemma7b_anchor --roles anchor \
+      --out docs/bench/tpu_aot.jsonl
   python benchmarks/tpu_compile.py --recipes dpo_gemma7b --roles target --variant splash_off \
       --override kernels.attention=xla --out docs/bench/tpu_aot.jsonl
 """
@@ -23,25 +25,31 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# recipe -> [(role, topology, extra --config overrides)]
-POD_V5E_256 = ["data.batch_size=256"]
+# recipe -> [(role, topology, extra --config overrides)]. The smaller slice keeps the recipe's
+# global batch and accumulates it in micro-batches; the 256-chip pod scales the global batch.
+POD = ("pod", "v5e:16x16", ["data.batch_size=256"])
+SMALLER_2B = ("smaller", "v5e:2x2", ["optim.grad_accum_steps=8"])
+SMALLER_7B = ("smaller", "v5e:4x4", ["optim.grad_accum_steps=4"])
 MATRIX: dict[str, list[tuple[str, str, list[str]]]] = {
-    "sft_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
-                    ("pod", "v5e:16x16", POD_V5E_256)],
-    "rm_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
-                   ("pod", "v5e:16x16", POD_V5E_256)],
-    "dpo_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
-                    ("pod", "v5e:16x16", POD_V5E_256)],
-    "orpo_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
-                     ("pod", "v5e:16x16", POD_V5E_256)],
-    "kto_gemma2b": [("target", "v5e:2x4", []), ("smaller", "v5e:2x2", []),
-                    ("pod", "v5e:16x16", POD_V5E_256)],
-    "rm_gemma7b": [("target", "v5e:4x4", []), ("smaller", "v5e:2x4", []),
-                   ("pod", "v5e:16x16", POD_V5E_256)],
-    "dpo_gemma7b": [("target", "v5e:4x8", []), ("smaller", "v5e:4x4", []),
-                    ("pod", "v5e:16x16", POD_V5E_256)],
-    "simpo_gemma2_9b": [("target", "v5e:4x8", []), ("smaller", "v5e:4x4", []),
-                        ("pod", "v5e:16x16", POD_V5E_256)],
+    "sft_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],
+    "rm_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],
+    "dpo_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],
+    "orpo_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],
+    "kto_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],
+    "rm_gemma7b": [("target", "v5e:4x8", []), SMALLER_7B, POD],
+    "dpo_gemma7b": [("target", "v5e:4x8", []), SMALLER_7B, POD],
+    "simpo_gemma2_9b": [("target", "v5e:4x8", []), SMALLER_7B, POD],
+    # MaxText's Gemma-7B SFT step was compiled at 2 sequences of 1024 per chip on v5e:4x4
+    # (docs/bench/maxtext_gemma7b_aot.jsonl); prefjax's SFT and DPO steps at the same tokens.
+    "sft_gemma7b_anchor": [("anchor", "v5e:4x4", [])],
+    "dpo_gemma7b_anchor": [("anchor", "v5e:4x4", []), ("anchor_precomputed", "v5e:4x4",
+                                                         ["reference.mode=precomputed"])],
+}
+# Matrix rows that are a recipe with overrides: row name -> (recipe, overrides, variant).
+ALIASES = {
+    "sft_gemma7b_anchor": ("sft_gemma2b", ["model.preset=gemma_7b", "data.batch_size=32"],
+                           "maxtext_anchor"),
+    "dpo_gemma7b_anchor": ("dpo_gemma7b", ["data.batch_size=16"], "maxtext_anchor"),
 }
 
 
@@ -66,7 +74,8 @@ def compile_one(recipe: str, role: str, topology: str, overrides: list[str], var
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--recipes", default=",".join(MATRIX), help="comma-separated recipe names")
+  p.add_argument("--recipes", default=",".join(MATRIX),
+                 help="comma-separated recipe names (and the *_anchor rows)")
   p.add_argument("--roles", default="target,smaller,pod", help="which rows of each recipe")
   p.add_argument("--override", action="append", default=[],
                  help="extra --config.KEY=VALUE for every compile (repeatable)")
@@ -80,9 +89,12 @@ def main() -> None:
     if recipe not in MATRIX:
       p.error(f"unknown recipe {recipe!r}; known: {', '.join(MATRIX)}")
     for role, topology, extra in MATRIX[recipe]:
-      if role not in roles:
+      if role not in roles and not (recipe in ALIASES and "anchor" in roles):
         continue
-      r = compile_one(recipe, role, topology, extra + a.override, a.variant, a.programs,
+      name, variant, base = recipe, a.variant, []
+      if recipe in ALIASES:
+        name, base, variant = ALIASES[recipe]
+      r = compile_one(name, role, topology, base + extra + a.override, variant, a.programs,
                       a.timeout)
       line = json.dumps(r, sort_keys=True)
       print(line, flush=True)

@@ -21,15 +21,15 @@ import jax
 import numpy as np
 
 from prefjax import checkpoint as ckpt_lib
+from prefjax import models
 from prefjax import sharding as sharding_lib
 from prefjax.train import builders
 from prefjax.train import data_io
 from prefjax.train import evaluate as eval_lib
-from prefjax.train import optimizer as optim_lib
+from prefjax.train import program as program_lib
 from prefjax.train import reference as ref_lib
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
-from prefjax.train import tasks as tasks_lib
 from prefjax.train.metrics_writer import MetricsWriter
 
 
@@ -89,15 +89,6 @@ class Trainer:
   def __init__(self, config: Any, workdir: str, mesh: Any, rules: Any):
     self.config, self.workdir, self.mesh, self.rules = config, workdir, mesh, rules
     self.task_name = config.task
-    self.ref_mode = config.reference.mode if self.task_name in ("preference", "kto") else "none"
-    self.layout = data_io.layout(config)
-    # The kernel choices of every program of the run: the mesh platform's defaults with the
-    # `config.kernels.*` keys that are set.
-    self.kernels = builders.kernels_for_mesh(config, mesh)
-    self.head = tasks_lib.HeadOptions(
-        int(config.train.logps_chunk_size), self.kernels.logps_implementation,
-        bool(config.train.get("logps_compact", True)),
-        int(config.train.get("logps_compact_chunk_size", 512)))
     self.ckpt = None
     self.writer = None
     self.eval_fn = None
@@ -105,17 +96,14 @@ class Trainer:
     self._eval_iter = None
     self._setup_model()
     ckpt_lib.check_writable(workdir, builders.checkpoint_bytes(
-        self.abstract_params, self.ref_mode == "model"))
-    self._write_config()
+        self.abstract_params, program_lib.ref_mode(config) == "model"))
     self.tokenizer = data_io.load_tokenizer(config)
     self.total_steps = data_io.total_steps(config, self.tokenizer)
-    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, self.total_steps)
-    self.task = tasks_lib.make_task(
-        self.task_name, model_cfg=self.model_cfg, layout=self.layout, loss_config=config.loss,
-        ref_mode=self.ref_mode, chunk_size=self.head, kernels=self.kernels)
-    has_ref = self.ref_mode == "model"
-    self.state_sh = state_lib.state_shardings(self.tx, self.abstract_params, self.param_sh,
-                                              mesh, has_ref)
+    # Every jitted program of the run, built as `prefjax.aot` builds them for a TPU slice.
+    self.programs = p = program_lib.build(config, mesh, rules, self.model_cfg, self.total_steps)
+    self.kernels, self.head, self.ref_mode, self.layout = p.kernels, p.head, p.ref_mode, p.layout
+    self.tx, self.schedule, self.task, self.state_sh = p.tx, p.schedule, p.task, p.state_sh
+    self._write_config()
     self.ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=int(config.ckpt.keep),
         best_metric=config.ckpt.get("best_metric") or None,
@@ -132,8 +120,8 @@ class Trainer:
     else:
       self.model_cfg, self._pretrained = builders.load_pretrained(
           c.model.init, c.model, task=self.task_name, mesh=self.mesh, rules=self.rules)
-    self.param_sh = _param_shardings(self.model_cfg, self.mesh, self.rules)
-    self.abstract_params = _abstract(self.model_cfg, self.param_sh)
+    self.param_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
+    self.abstract_params = program_lib.abstract_params(self.model_cfg, self.param_sh)
 
   def _write_config(self) -> None:
     if jax.process_index() == 0:
@@ -177,8 +165,7 @@ class Trainer:
     """One pass of the reference over the train (and eval) batches, into the cache."""
     c = self.config
     self.ref_cache = data_io.ref_cache(c, self.workdir).load()
-    fn = ref_lib.make_ref_fn(self.model_cfg, self.layout, self.head, self.param_sh, self.mesh,
-                             self.kernels)
+    fn = self.programs.reference_pass()
     start = self.train_iter.get_state()
     ref_lib.precompute(self.ref_cache, fn, ref_params, self.train_iter, self.mesh,
                        num_batches=self.total_steps)
@@ -281,9 +268,7 @@ class Trainer:
   def _train_one(self, state, batch):
     if self.step_fn is None:
       self.batch_sh = step_lib.batch_shardings(batch, self.mesh)
-      self.step_fn = step_lib.jit_train_step(
-          self.task, self.tx, self.schedule, self.state_sh, self.batch_sh, self.mesh,
-          accum_steps=int(self.config.optim.grad_accum_steps), kernels=self.kernels)
+      self.step_fn = self.programs.train_step(self.batch_sh)
     with jax.transfer_guard("disallow"):
       return self.step_fn(state, batch)
 
@@ -327,27 +312,20 @@ class Trainer:
 
   def evaluate(self, state) -> dict[str, float]:
     """Eval metrics (and diagnostics) of `state` on the eval split."""
-    c = self.config
     it = (self._global_batch(b) for b in self._eval_batches())
     b0 = next(it)
     if self.eval_fn is None:
-      self._build_eval(b0, state.ref_params is not None)
+      self._build_eval(b0)
     out = eval_lib.run_eval(self.eval_fn, state.params, state.ref_params, _prepend(b0, it))
     if self.diag_fn is not None:
       out.update(eval_lib.diag_metrics(jax.device_get(
           self.diag_fn(state.params, state.ref_params, b0))))
     return out
 
-  def _build_eval(self, batch, has_ref: bool) -> None:
-    c = self.config
+  def _build_eval(self, batch) -> None:
     bsh = step_lib.batch_shardings(batch, self.mesh)
-    ref_sh = self.param_sh if has_ref else None
-    self.eval_fn = step_lib.jit_eval_step(
-        self.task, self.param_sh, ref_sh, bsh, self.mesh, kernels=self.kernels)
-    if self.task_name in ("preference", "sft") and c.eval.get("diagnostics", True):
-      self.diag_fn = eval_lib.jit_diagnostics(
-          self.model_cfg, self.layout, self.param_sh, ref_sh, bsh, self.mesh,
-          int(c.eval.get("topk", 10)), int(c.train.logps_chunk_size), self.kernels)
+    self.eval_fn = self.programs.eval_step(bsh)
+    self.diag_fn = self.programs.diagnostics(bsh)
 
   def _maybe_save(self, step: int, state, data_iter, evals) -> None:
     if self._save_due(step) or (evals and self.ckpt.best_metric):
@@ -379,14 +357,3 @@ def _debug_signal(train_cfg: Any, step: int) -> None:
 def _prepend(first, rest):
   yield first
   yield from rest
-
-
-def _param_shardings(model_cfg, mesh, rules):
-  from prefjax import models  # pylint: disable=g-import-not-at-top
-  return models.param_shardings(model_cfg, mesh, rules)
-
-
-def _abstract(model_cfg, param_sh):
-  from prefjax import models  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
-                      models.abstract_params(model_cfg), param_sh)
