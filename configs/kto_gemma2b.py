@@ -3,6 +3,13 @@ r"""KTO of Gemma 2B on unpaired feedback, TPU.
 Paired data is split into desirable / undesirable examples (data.kind=unpaired);
 β = 0.1, λ_D = λ_U = 1, lr 5e-7, with the mismatched-pair KL estimate of z0.
 
+TPU target: v5e-8 (`v5e:2x4`), with at least 10% HBM headroom per chip at this batch and
+length (compiled ahead of time, no TPU needed; docs/tpu.md has the figures):
+
+  python -m prefjax.aot --config=configs/kto_gemma2b.py --topology=v5e:2x4
+
+It also fits `v5e:2x2` with `--config.optim.grad_accum_steps=8`.
+
   python -m prefjax.main --config=configs/kto_gemma2b.py --workdir=gs://YOUR_BUCKET/kto_gemma2b \
       --config.data.train=gs://YOUR_BUCKET/data/train.jsonl --config.model.init=gs://YOUR_BUCKET/gemma-2b-sft (HF dir)
   python -m prefjax.main --config=configs/kto_gemma2b.py:runlocal --workdir=/tmp/kto_gemma2b_local
@@ -15,6 +22,9 @@ try:
 except ImportError:  # run from outside the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
+
+
+TPU_TOPOLOGY = "v5e:2x4"  # the slice this recipe is sized for (see the docstring)
 
 
 def get_config(arg=None):

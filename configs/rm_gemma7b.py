@@ -2,6 +2,13 @@ r"""Bradley–Terry reward model from Gemma 7B, TPU pod slice (FSDP).
 
 As rm_gemma2b with the 7B model: full rematerialisation, bf16 compute, FSDP over all chips.
 
+TPU target: v5e-32 (`v5e:4x8`), with at least 10% HBM headroom per chip at this batch and
+length (compiled ahead of time, no TPU needed; docs/tpu.md has the figures):
+
+  python -m prefjax.aot --config=configs/rm_gemma7b.py --topology=v5e:4x8
+
+It also fits `v5e:4x4` with `--config.optim.grad_accum_steps=4`.
+
   python -m prefjax.main --config=configs/rm_gemma7b.py --workdir=gs://YOUR_BUCKET/rm_gemma7b \
       --config.data.train=gs://YOUR_BUCKET/data/train.jsonl --config.model.init=gs://YOUR_BUCKET/gemma-7b-sft (HF dir)
   python -m prefjax.main --config=configs/rm_gemma7b.py:runlocal --workdir=/tmp/rm_gemma7b_local
@@ -16,6 +23,9 @@ except ImportError:  # run from outside the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
   from configs import rm_gemma2b
+
+
+TPU_TOPOLOGY = "v5e:4x8"  # the slice this recipe is sized for (see the docstring)
 
 
 def get_config(arg=None):

@@ -59,3 +59,34 @@ def test_runlocal_trains_two_steps(tmp_path, name):
                                   "quickstart"])
 def test_runlocal_trains_two_steps_slow(tmp_path, name):
   test_runlocal_trains_two_steps(tmp_path, name)
+
+
+TPU_RECIPES = [n for n in CONFIGS if n != "quickstart"]
+
+
+def _module(name: str):
+  path = lh.REPO / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_cfg_mod_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("name", TPU_RECIPES)
+def test_tpu_recipes_name_their_slice_and_validate_on_it(name):
+  """Each TPU recipe names its slice (TPU_TOPOLOGY, the docstring's prefjax.aot command, the
+  compile matrix's target row) and validates for that slice's chips and hosts."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from prefjax.aot import chips  # pylint: disable=g-import-not-at-top
+  from prefjax.train import validation  # pylint: disable=g-import-not-at-top
+  mod = _module(name)
+  topo = chips.parse_topology(mod.TPU_TOPOLOGY)
+  assert f"--topology={mod.TPU_TOPOLOGY}" in mod.__doc__
+  sys.path.insert(0, str(lh.REPO / "benchmarks"))
+  try:
+    import tpu_compile  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  assert tpu_compile.MATRIX[name][0] == ("target", mod.TPU_TOPOLOGY, [])
+  hosts = max(1, topo.chips // 4)  # 4 chips per host, as the compile topologies have
+  validation.validate(mod.get_config(), num_devices=topo.chips, num_processes=hosts)
