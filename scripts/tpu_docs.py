@@ -2,7 +2,7 @@ r"""Regenerates the tables of docs/tpu.md from the JSON lines of the AOT compile
 
   python scripts/tpu_docs.py            # reads docs/bench/tpu_aot.jsonl (+ maxtext_gemma7b_aot.jsonl)
 
-Each table sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers in docs/tpu.md;
+Also writes the short per-recipe summary into README.md. Each table sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers in docs/tpu.md;
 the text around them is left alone. When a (recipe, role, topology, variant) was compiled
 more than once, the last line wins.
 """
@@ -126,10 +126,26 @@ def maxtext_table(prefjax_rows: list[dict], maxtext_rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+  """The README's short version: each recipe on its target slice."""
+  lines = ["| recipe | TPU slice | HBM / chip | headroom | roofline step | MFU bound |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.get("role") != "target" or r.get("variant") != "default" or "error" in r:
+      continue
+    rf = r.get("roofline") or {}
+    lines.append(
+        f"| `{r['recipe']}` | {r['topology']} ({r['chips']} chips) | "
+        f"{r['peak_bytes_per_chip'] / GiB:.1f} / {r['hbm_per_chip_bytes'] / GiB:.0f} GiB | "
+        f"{100 * r['headroom']:.0f}% | {rf.get('step_s', 0) * 1e3:.0f} ms | "
+        f"{100 * rf.get('mfu', 0):.0f}% |")
+  return "\n".join(lines)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
   pat = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
   if not pat.search(text):
-    raise SystemExit(f"docs/tpu.md has no <!-- {name}:begin/end --> markers")
+    raise SystemExit(f"no <!-- {name}:begin/end --> markers")
   return pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
@@ -148,7 +164,10 @@ def main() -> None:
                             "splash_T8192", "xla_T8192")))
   text = replace_block(text, "maxtext", maxtext_table(rows, read_jsonl(pathlib.Path(a.maxtext))))
   doc.write_text(text, encoding="utf-8")
-  print(f"wrote {doc}")
+  readme = ROOT / "README.md"
+  readme.write_text(replace_block(readme.read_text(encoding="utf-8"), "tpu-summary",
+                                  summary_table(rows)), encoding="utf-8")
+  print(f"wrote {doc} and the summary in {readme}")
 
 
 if __name__ == "__main__":

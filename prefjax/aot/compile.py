@@ -325,9 +325,11 @@ def format_table(report: dict[str, Any]) -> str:
                f"chip: {verdict} (headroom {100 * report['headroom']:.0f}%)")
   if "roofline" in report:
     rf, fl = report["roofline"], report["model_flops"]
+    under = (f" (it counts each loop body once: {rf['loop_scale']:.0f}x below the analytic "
+             "hardware FLOPs)" if rf["loop_scale"] > 1.5 else "")
     lines.append(f"model FLOPs/step {fl['total']:.3e} (policy {fl['policy']:.3e}, reference "
                  f"{fl['reference']:.3e}); compiler FLOPs/chip "
-                 f"{report['programs']['train']['flops']:.3e}")
+                 f"{report['programs']['train']['flops']:.3e}{under}")
     lines.append(f"roofline step {rf['step_s'] * 1e3:.1f} ms ({rf['bound']}-bound: compute "
                  f"{rf['compute_s'] * 1e3:.1f} ms, HBM {rf['memory_s'] * 1e3:.1f} ms), "
                  f"MFU bound {100 * rf['mfu']:.1f}%")

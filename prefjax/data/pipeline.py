@@ -170,15 +170,20 @@ def _apply_layout(ds: grain.IterDataset, s: Settings, batch: int, has_margin: bo
     return ds.batch(batch, drop_remainder=train, batch_fn=fn)
   if train:
     ds = ds.filter(_not_none)
+  fn = _collate_fn(s, batch, has_margin, pad_id, train)
+  return ds.batch(batch, drop_remainder=train, batch_fn=fn)
+
+
+def _collate_fn(s: Settings, batch: int, has_margin: bool, pad_id: int, train: bool) -> Any:
+  """The batch function of the padded layouts for `s.kind` (elements -> numpy batch)."""
   common = dict(batch=batch, length=s.limits.max_len, pad_id=pad_id, eval_mask=not train)
-  fn = {
+  return {
       "pairs": functools.partial(layouts.collate_pairs, has_margin=has_margin, **common),
       "sft": functools.partial(layouts.collate_sft, **common),
       "unpaired": functools.partial(layouts.collate_unpaired, **common),
       "rankings": functools.partial(layouts.collate_rankings, num_responses=s.max_responses,
                                     has_margin=has_margin, **common),
   }[s.kind]
-  return ds.batch(batch, drop_remainder=train, batch_fn=fn)
 
 
 def batch_shapes(data_config: Any, *, split: str = "train", process_count: int = 1,
@@ -202,14 +207,7 @@ def batch_shapes(data_config: Any, *, split: str = "train", process_count: int =
     out = packing.collate_rows([], num_rows=local, max_pairs_per_row=s.max_pairs_per_row,
                                shared=s.layout == "prompt_shared", length=s.limits.max_len)
   else:
-    common = dict(batch=local, length=s.limits.max_len, eval_mask=not train)
-    out = {
-        "pairs": functools.partial(layouts.collate_pairs, has_margin=has_margin, **common),
-        "sft": functools.partial(layouts.collate_sft, **common),
-        "unpaired": functools.partial(layouts.collate_unpaired, **common),
-        "rankings": functools.partial(layouts.collate_rankings, num_responses=s.max_responses,
-                                      has_margin=has_margin, **common),
-    }[s.kind]([])
+    out = _collate_fn(s, local, has_margin, 0, train)([])
   return {k: ((v.shape[0] * process_count,) + v.shape[1:], v.dtype) for k, v in out.items()}
 
 

@@ -451,12 +451,9 @@ def _ids_by_query_block(cfg, code, pos, q_map, k_map):
   return arrays, specs * (len(arrays) // 2)
 
 
-def _fwd_call(cfg: _Config, q, k, v, code, pos, tables):
-  """q [B,N,Tp,H], k/v [B,K,Tp,H] -> out [B,N,Tp,H], lse float32 [B,N,Tp]."""
-  b, n, tp, h = q.shape
-  g, bq, bkv = cfg.groups, cfg.block_q, cfg.block_kv
-  nq, nk = tp // bq, tp // bkv
-  state, fetch = tables[0], tables[1]
+def _query_major_maps(g: int, nq: int, nk: int):
+  """Index maps of the grid (B, N, nq, nk) walking key blocks j per query block i:
+  (kv_block, q_block, q_ids, k_ids); a skipped key block re-points at the last fetched one."""
 
   def kv_block(bi, ni, i, j, state_ref, fetch_ref):
     return bi, ni // g, fetch_ref[(bi * nq + i) * nk + j], 0
@@ -469,6 +466,18 @@ def _fwd_call(cfg: _Config, q, k, v, code, pos, tables):
 
   def k_ids(bi, ni, i, j, state_ref, fetch_ref):
     return bi, 0, fetch_ref[(bi * nq + i) * nk + j]
+
+  return kv_block, q_block, q_ids, k_ids
+
+
+def _fwd_call(cfg: _Config, q, k, v, code, pos, tables):
+  """q [B,N,Tp,H], k/v [B,K,Tp,H] -> out [B,N,Tp,H], lse float32 [B,N,Tp]."""
+  b, n, tp, h = q.shape
+  g, bq, bkv = cfg.groups, cfg.block_q, cfg.block_kv
+  nq, nk = tp // bq, tp // bkv
+  state, fetch = tables[0], tables[1]
+
+  kv_block, q_block, q_ids, k_ids = _query_major_maps(g, nq, nk)
 
   id_arrays, id_specs = _ids_by_query_block(cfg, code, pos, q_ids, k_ids)
   in_specs = [pl.BlockSpec((None, None, bq, h), q_block),
@@ -537,20 +546,10 @@ def _dq_call(cfg: _Config, q, k, v, do, lse, di, code, pos, tables):
   nq, nk = tp // bq, tp // bkv
   state, fetch = tables[0], tables[1]
 
-  def kv_block(bi, ni, i, j, state_ref, fetch_ref):
-    return bi, ni // g, fetch_ref[(bi * nq + i) * nk + j], 0
-
-  def q_block(bi, ni, i, j, *_):
-    return bi, ni, i, 0
+  kv_block, q_block, q_ids, k_ids = _query_major_maps(g, nq, nk)
 
   def row_block(bi, ni, i, j, *_):
     return bi, ni, 0, i
-
-  def q_ids(bi, ni, i, j, *_):
-    return bi, i, 0
-
-  def k_ids(bi, ni, i, j, state_ref, fetch_ref):
-    return bi, 0, fetch_ref[(bi * nq + i) * nk + j]
 
   id_arrays, id_specs = _ids_by_query_block(cfg, code, pos, q_ids, k_ids)
   in_specs = [pl.BlockSpec((None, None, bq, h), q_block),

@@ -157,3 +157,16 @@ def test_resume_with_two_worker_processes(tmp_path, tok):
   _assert_batches_equal(got, want)
   keys = collections.Counter(k for b in want for k in _first_tokens(b))
   assert len(keys) == 10
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(layout="packed"), dict(layout="prompt_shared"),
+                                dict(kind="sft"), dict(kind="unpaired")])
+def test_batch_shapes_are_the_pipelines(tmp_path, tok, kw):
+  """`data.batch_shapes` (no data read) gives the global batch the pipeline yields, per
+  process count: what `prefjax.aot` compiles the train step for."""
+  path = write_jsonl(tmp_path / "a.jsonl", pairs(12))
+  cfg = config(path, batch_size=4, **kw)
+  for procs in (1, 2):
+    local = next(iter(data.make_pipeline(cfg, tok, process_index=0, process_count=procs)))
+    want = {k: ((v.shape[0] * procs,) + v.shape[1:], v.dtype) for k, v in local.items()}
+    assert data.batch_shapes(cfg, process_count=procs) == want
