@@ -104,9 +104,14 @@ def variant_table(rows: list[dict], recipe: str, variants: tuple[str, ...]) -> s
 def maxtext_table(prefjax_rows: list[dict], maxtext_rows: list[dict]) -> str:
   lines = ["| step | tool | topology | sequences × length | per-chip args GiB | temp GiB | "
            "total GiB | fits 16 GiB | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+  maxtext_rows = sorted(maxtext_rows, key=lambda m: (m.get("global_batch", 0), m.get(
+      "attention", ""), m.get("num_vocab_tiling", 1)))
   for m in maxtext_rows:
+    if m["topology"] != "v5e:4x4" or m.get("total_bytes") is None or m.get("compile_s") is None:
+      continue
     lines.append(
-        f"| SFT (LM loss) | MaxText {m.get('maxtext_version', '')} ({m.get('attention', '')}) | "
+        f"| SFT (LM loss) | MaxText {m.get('maxtext_version', '')} ({m.get('attention', '')}"
+        f"{', vocab tiles ' + str(m['num_vocab_tiling']) if m.get('num_vocab_tiling', 1) > 1 else ''}) | "
         f"{m['topology']} | {m['global_batch']}×{m['seq_len']} | "
         f"{_gib(m['argument_bytes'])} | {_gib(m['temp_bytes'])} | {_gib(m['total_bytes'])} | "
         f"{'yes' if m['fits_16GiB'] else 'no'} | {m['compile_s']:.0f} |")
