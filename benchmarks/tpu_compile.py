@@ -25,11 +25,13 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# recipe -> [(role, topology, extra --config overrides)]. The smaller slice keeps the recipe's
-# global batch and accumulates it in micro-batches; the 256-chip pod scales the global batch.
+# recipe -> [(role, topology, extra --config overrides)]. The smaller slice has fewer chips with
+# more HBM each (a v5e chip's 16 GiB holds about 1.3 B parameters' train state and step
+# temporaries, so fewer v5e chips do not fit) and keeps the recipe's global batch in
+# micro-batches; the 256-chip pod scales the global batch.
 POD = ("pod", "v5e:16x16", ["data.batch_size=256"])
-SMALLER_2B = ("smaller", "v5e:2x2", ["optim.grad_accum_steps=8"])
-SMALLER_7B = ("smaller", "v5e:4x4", ["optim.grad_accum_steps=4"])
+SMALLER_2B = ("smaller", "v4:2x2x1", ["optim.grad_accum_steps=2"])
+SMALLER_7B = ("smaller", "v5p:2x2x1", ["optim.grad_accum_steps=8"])
 MATRIX: dict[str, list[tuple[str, str, list[str]]]] = {
     "sft_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],
     "rm_gemma2b": [("target", "v5e:2x4", []), SMALLER_2B, POD],

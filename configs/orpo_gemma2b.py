@@ -7,7 +7,7 @@ length (compiled ahead of time, no TPU needed; docs/tpu.md has the figures):
 
   python -m prefjax.aot --config=configs/orpo_gemma2b.py --topology=v5e:2x4
 
-It also fits `v5e:2x2` with `--config.optim.grad_accum_steps=8`.
+On fewer, larger chips it fits v4-8 (`v4:2x2x1`) with `--config.optim.grad_accum_steps=2`.
 
   python -m prefjax.main --config=configs/orpo_gemma2b.py --workdir=gs://YOUR_BUCKET/orpo_gemma2b \
       --config.data.train=gs://YOUR_BUCKET/data/train.jsonl --config.model.init=gs://YOUR_BUCKET/gemma-2b (HF dir)

@@ -7,7 +7,7 @@ length (compiled ahead of time, no TPU needed; docs/tpu.md has the figures):
 
   python -m prefjax.aot --config=configs/rm_gemma7b.py --topology=v5e:4x8
 
-It also fits `v5e:4x4` with `--config.optim.grad_accum_steps=4`.
+On fewer, larger chips it fits v5p-8 (`v5p:2x2x1`) with `--config.optim.grad_accum_steps=8`.
 
   python -m prefjax.main --config=configs/rm_gemma7b.py --workdir=gs://YOUR_BUCKET/rm_gemma7b \
       --config.data.train=gs://YOUR_BUCKET/data/train.jsonl --config.model.init=gs://YOUR_BUCKET/gemma-7b-sft (HF dir)

@@ -64,6 +64,8 @@ def recipe_table(rows: list[dict], variant: str = "default") -> str:
           "HBM / chip GiB | fits (headroom) | compile s | roofline step | MFU bound | "
           "collectives GiB / step |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
+  roles = {"target": 0, "smaller": 1, "pod": 2}
+  rows = sorted(rows, key=lambda r: (r.get("recipe", ""), roles.get(r.get("role"), 9)))
   for r in rows:
     if r.get("variant") != variant:
       continue
