@@ -169,7 +169,7 @@ def main() -> None:
   text = replace_block(text, "recipes", recipe_table(rows))
   text = replace_block(text, "splash", variant_table(
       rows, "dpo_gemma7b", ("default", "xla_attention", "splash_T2048", "xla_T2048",
-                            "splash_T8192", "xla_T8192", "splash_T8192_accum2")))
+                            "splash_T8192", "xla_T8192", "splash_T8192_tensor2")))
   text = replace_block(text, "maxtext", maxtext_table(rows, read_jsonl(pathlib.Path(a.maxtext))))
   doc.write_text(text, encoding="utf-8")
   readme = ROOT / "README.md"
