@@ -54,6 +54,21 @@ def _compile_s(r: dict) -> str:
   return f"{sum(p['compile_s'] for p in r.get('programs', {}).values()):.0f}"
 
 
+def _shape(r: dict) -> str:
+  """`rows×...×length` of the batch's token array."""
+  tok = r["batch"]["tokens"]
+  return f"{tok[0]}×{'×'.join(str(t) for t in tok[1:])}"
+
+
+def _roofline(r: dict, bound: bool = False) -> tuple[str, str]:
+  """(roofline step, MFU bound) cells, dashes when the step did not compile."""
+  rf = r.get("roofline")
+  if not rf:
+    return "–", "–"
+  tag = f" ({rf['bound'][0]})" if bound else ""
+  return f"{rf['step_s'] * 1e3:.0f} ms{tag}", f"{100 * rf['mfu']:.0f}%"
+
+
 def _overrides(r: dict) -> str:
   o = [x for x in r.get("overrides", [])]
   return "<br>".join(f"`{x}`" for x in o) if o else ""
@@ -74,13 +89,10 @@ def recipe_table(rows: list[dict], variant: str = "default") -> str:
                    f"{_overrides(r)} | | error: {r['error']} | | | | |")
       continue
     mesh = "×".join(str(v) for v in r["mesh"].values())
-    tok = r["batch"]["tokens"]
-    rf = r.get("roofline")
-    step = f"{rf['step_s'] * 1e3:.0f} ms ({rf['bound'][0]})" if rf else "–"
-    mfu = f"{100 * rf['mfu']:.0f}%" if rf else "–"
+    step, mfu = _roofline(r, bound=True)
     lines.append(
         f"| {r['recipe']} | {r['role']} | {r['topology']} ({r['chips']}, {r['processes']}) | "
-        f"{mesh} | {tok[0]}×{'×'.join(str(t) for t in tok[1:])} | {_overrides(r)} | "
+        f"{mesh} | {_shape(r)} | {_overrides(r)} | "
         f"{_gib(r['peak_bytes_per_chip'])} | {_fit(r)} | {_compile_s(r)} | {step} | {mfu} | "
         f"{_coll(r)} |")
   return "\n".join(lines)
@@ -93,12 +105,9 @@ def variant_table(rows: list[dict], recipe: str, variants: tuple[str, ...]) -> s
     if (r.get("recipe") != recipe or r.get("role") != "target"
         or r.get("variant") not in variants or "error" in r):
       continue
-    tok = r["batch"]["tokens"]
-    rf = r.get("roofline")
-    step = f"{rf['step_s'] * 1e3:.0f} ms" if rf else "–"
-    mfu = f"{100 * rf['mfu']:.0f}%" if rf else "–"
+    step, mfu = _roofline(r)
     lines.append(
-        f"| {r['variant']} | {r['topology']} | {tok[0]}×{'×'.join(str(t) for t in tok[1:])} | "
+        f"| {r['variant']} | {r['topology']} | {_shape(r)} | "
         f"{_gib(r['peak_bytes_per_chip'])} | {_gib(r['programs']['train']['temp_bytes'])} | "
         f"{_fit(r)} | {step} | {mfu} | {_compile_s(r)} |")
   return "\n".join(lines)
