@@ -6,8 +6,17 @@ import sys
 from absl import flags
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """Flag parsing that reports errors (e.g. an unknown --config key) in one line."""
+  """Flag parsing that reports errors (e.g. an unknown --config key) in one line; `--help`
+  prints the program's doc and flags and exits 0."""
+  if any(a in _HELP for a in argv[1:]):
+    main = sys.modules.get("__main__")
+    print((getattr(main, "__doc__", None) or "").strip() + "\n")
+    print(flags.FLAGS.get_help() if "--helpfull" in argv else flags.FLAGS.main_module_help())
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

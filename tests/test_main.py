@@ -1,4 +1,5 @@
 """The CLI: config-key errors, unknown tasks and validation messages, without tracebacks."""
+import re
 import pytest
 
 from tests.train import loop_helpers as lh
@@ -42,6 +43,12 @@ def test_missing_workdir_is_a_usage_error():
     ({"train.cpu_scheduler": "memory_optimized"},
      "config.train.cpu_scheduler is now config.kernels.cpu_scheduler"),
     ({"mesh.fsdp": 3}, "config.mesh"),
+    ({"loss.beta": 0.0}, "config.loss.beta=0.0 must be > 0 (loss 'dpo')"),
+    ({"loss.beta": -0.1}, "config.loss.beta=-0.1 must be > 0"),
+    ({"loss.beta": float("nan")}, "config.loss.beta=nan must be a finite number"),
+    ({"loss.label_smoothing": 0.7}, "config.loss.label_smoothing=0.7 must be >= 0 and <= 0.5"),
+    ({"ckpt.every_steps": -1}, "config.ckpt.every_steps=-1 must be >= 0"),
+    ({"eval.every_steps": -5}, "config.eval.every_steps=-5 must be >= 0"),
 ])
 def test_validate_messages(overrides, needle):
   from configs import quickstart  # pylint: disable=g-import-not-at-top
@@ -53,7 +60,7 @@ def test_validate_messages(overrides, needle):
     for p in path:
       node = node[p]
     node[last] = v
-  with pytest.raises(validation.ConfigError, match=needle.replace("(", r"\(")):
+  with pytest.raises(validation.ConfigError, match=re.escape(needle)):
     validation.validate(c)
 
 
@@ -129,3 +136,22 @@ def test_cli_kernel_overrides_reach_the_model(monkeypatch):
     jax.eval_shape(progs.task.loss_fn, progs.abstract_params, None,
                    dict(batch, ref_logps=batch["tokens"][:, :, 0].astype("float32")))
   assert key_tiles and set(key_tiles) == {64}
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_one_line(tmp_path):
+  """Token ids >= the model's vocabulary would read past the embedding and surface as a NaN
+  loss at step 1; the run refuses before the first step, naming both sizes."""
+  r = lh.run_main(str(tmp_path / "wd"), ["--config.model.vocab_size=1000"])
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert ("data.tokenizer='mistral_v1' has 32000 pieces but the model's vocabulary has 1000 "
+          "rows") in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "wd" / "metrics.jsonl").exists()
+
+
+def test_help_exits_zero_with_the_flags():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, "-m", "prefjax.main", "--help"], cwd=str(lh.REPO),
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 0 and "--workdir" in r.stdout and "resumes" in r.stdout

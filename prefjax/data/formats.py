@@ -14,6 +14,7 @@ Formats (`data.format`, "auto" detects per record from its keys):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from prefjax.data.errors import BadRecord
@@ -94,9 +95,17 @@ def _prompt_messages(rec: dict, field: str = "prompt") -> tuple[tuple[str, str],
   return (("user", text),)
 
 
+def _finite(value: float, field: str) -> float:
+  """`value` as a float; NaN / inf (JSON's NaN, Infinity) is a bad record naming `field`."""
+  value = float(value)
+  if not math.isfinite(value):
+    raise BadRecord("non_finite", f"{value} is not a finite number", field)
+  return value
+
+
 def _margin(rec: dict) -> float | None:
   m = _get(rec, "margin", (int, float), optional=True)
-  return None if m is None else float(m)
+  return None if m is None else _finite(m, "margin")
 
 
 def parse_hh_transcript(text: str) -> tuple[tuple[str, str], ...]:
@@ -197,7 +206,7 @@ def rankings(rec: dict) -> Example:
   if len(vals) != len(responses) or not all(
       isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
     raise BadRecord("wrong_type", f"expected {len(responses)} numbers", field)
-  scores = tuple(float(v) if field == "scores" else -float(v) for v in vals)
+  scores = tuple(_finite(v, field) * (1.0 if field == "scores" else -1.0) for v in vals)
   return Example("rankings", _prompt_messages(rec), tuple(responses), scores=scores,
                  margin=_margin(rec))
 

@@ -19,6 +19,7 @@ nll_normalization="batch". Under data parallelism they need the whole batch
 (jit over a sharded global array does that).
 """
 import inspect
+import math
 from typing import Callable, Sequence
 
 from prefjax.losses.metrics import paired_metrics, unpaired_metrics
@@ -86,6 +87,49 @@ def _lookup(table: dict, name: str, kind: str) -> Callable:
     raise ValueError(f"Unknown {kind} loss {name!r}; registered: {sorted(table)}") from None
 
 
+_POSITIVE, _NON_NEGATIVE = (0.0, math.inf, True), (0.0, math.inf, False)
+# Allowed values of the numeric hyperparameters, by name, for every loss that takes one:
+# (low, high, low excluded). beta is a temperature (or ORPO / CPO's weight): at 0 DPO's
+# loss is log 2 with zero gradient, below 0 it trains the inverted preference. Label
+# smoothing is the assumed label-flip rate of conservative DPO (Mitchell 2023): [0, 0.5].
+HYPERPARAMETER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "beta": _POSITIVE,
+    "label_smoothing": (0.0, 0.5, False),
+    "simpo_gamma": _NON_NEGATIVE,
+    "gamma": _NON_NEGATIVE,
+    "desirable_weight": _POSITIVE,
+    "undesirable_weight": _POSITIVE,
+    "cpo_alpha": _NON_NEGATIVE,
+    "alpha": _NON_NEGATIVE,
+    "delta": _NON_NEGATIVE,
+    "dpop_lambda": _NON_NEGATIVE,
+    "slic_lambda": _NON_NEGATIVE,
+    "nll_weight": _NON_NEGATIVE,
+    "discopop_tau": _POSITIVE,
+    "lam": _NON_NEGATIVE,
+}
+
+
+def hyperparameter_errors(hyperparams: dict) -> list[str]:
+  """One message per numeric hyperparameter that is not finite or outside
+  `HYPERPARAMETER_RANGES` (e.g. "beta=0.0 must be > 0"); [] when all are fine."""
+  errors = []
+  for name, value in hyperparams.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    if not math.isfinite(value):
+      errors.append(f"{name}={value} must be a finite number")
+      continue
+    if name not in HYPERPARAMETER_RANGES:
+      continue
+    low, high, low_excluded = HYPERPARAMETER_RANGES[name]
+    if value < low or (low_excluded and value == low) or value > high:
+      bound = f"> {low:g}" if low_excluded else f">= {low:g}"
+      bound += f" and <= {high:g}" if math.isfinite(high) else ""
+      errors.append(f"{name}={value} must be {bound}")
+  return errors
+
+
 def names() -> list[str]:
   """Sorted names of every registered paired loss (aliases included)."""
   return sorted(LOSSES)
@@ -140,6 +184,7 @@ def get_unpaired(name: str) -> Callable[..., UnpairedLossOutput]:
 
 
 __all__ = [
+    "HYPERPARAMETER_RANGES", "hyperparameter_errors",
     "dpo", "combine", "LOSSES", "TOKEN_LEVEL_LOSSES", "UNPAIRED_LOSSES", "names", "get",
     "token_level_names", "get_token_level", "unpaired_names", "get_unpaired",
     "PairedLogps", "LossOutput", "TokenLogps", "UnpairedLogps", "UnpairedLossOutput",

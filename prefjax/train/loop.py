@@ -30,6 +30,7 @@ from prefjax.train import program as program_lib
 from prefjax.train import reference as ref_lib
 from prefjax.train import state as state_lib
 from prefjax.train import step as step_lib
+from prefjax.train import validation
 from prefjax.train.metrics_writer import MetricsWriter
 
 
@@ -98,6 +99,8 @@ class Trainer:
     ckpt_lib.check_writable(workdir, builders.checkpoint_bytes(
         self.abstract_params, program_lib.ref_mode(config) == "model"))
     self.tokenizer = data_io.load_tokenizer(config)
+    validation.check_vocabulary(self.tokenizer.vocab_size, self.model_cfg.vocab_size,
+                                str(config.data.get("tokenizer")))
     self.total_steps = data_io.total_steps(config, self.tokenizer)
     # Every jitted program of the run, built as `prefjax.aot` builds them for a TPU slice.
     self.programs = p = program_lib.build(config, mesh, rules, self.model_cfg, self.total_steps)

@@ -52,6 +52,9 @@ def _check_kwargs(fn: Callable, kwargs: dict, name: str) -> None:
 def _validate_loss(config: Any) -> None:
   task, loss = config.task, config.loss
   kwargs = {k: v for k, v in dict(loss).items() if k != "name" and v is not None}
+  if task in ("preference", "kto"):
+    bad = losses_lib.hyperparameter_errors(kwargs)
+    _check(not bad, f"config.loss.{bad[0] if bad else ''} (loss {loss.name!r})")
   mode = config.reference.mode
   if task == "preference":
     _check(loss.name in losses_lib.names(), f"unknown config.loss.name {loss.name!r}; "
@@ -151,6 +154,21 @@ def validate(config: Any, *, num_devices: int | None = None,
          f"config.ckpt.best_metric={best!r} must name an eval metric (eval/...)")
   _check(int(config.ckpt.keep) >= 1, "config.ckpt.keep must be >= 1")
   _check(int(config.log.every_steps) >= 1, "config.log.every_steps must be >= 1")
+  for key in ("ckpt.every_steps", "eval.every_steps", "total_steps"):
+    section, _, name = key.rpartition(".")
+    value = (config[section] if section else config).get(name) or 0
+    _check(int(value) >= 0, f"config.{key}={value} must be >= 0 (0: never / derive)")
   _validate_loss(config)
   _validate_batch(config, jax.device_count() if num_devices is None else num_devices,
                   jax.process_count() if num_processes is None else num_processes)
+
+
+def check_vocabulary(tokenizer_size: int, model_vocab: int, tokenizer: str) -> None:
+  """Token ids must index the model's embedding: a tokenizer with more pieces than the model
+  has rows would read past it (NaN at the first step); Gemma's padded 256128-row tables
+  hold its 256000-piece tokenizer."""
+  _check(tokenizer_size <= model_vocab,
+         f"data.tokenizer={tokenizer!r} has {tokenizer_size} pieces but the model's vocabulary "
+         f"has {model_vocab} rows (model.vocab_size / model.init): token ids >= {model_vocab} "
+         "would index past the embedding; use the model's own tokenizer")
+

@@ -18,6 +18,10 @@ LINE_CASES = {
     "empty_response": ('{"prompt": "p", "chosen": "  ", "rejected": "b"}', "empty_response",
                        "chosen"),
     "bad_messages": ('{"chosen": [{"role": "user"}], "rejected": []}', "wrong_type", "chosen"),
+    "nan_margin": ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}',
+                   "non_finite", "margin"),
+    "inf_margin": ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -Infinity}',
+                   "non_finite", "margin"),
 }
 
 
@@ -137,3 +141,14 @@ def test_corrupt_parquet(tmp_path, tok):
   with pytest.raises(data.DataError, match="cannot read parquet") as e:
     data.make_pipeline(config(str(path)), tok)
   assert e.value.reason == "corrupt_file" and str(path) in str(e.value)
+
+
+def test_non_finite_ranking_score_is_a_bad_record(tmp_path, tok):
+  """A NaN score would silently mis-rank the responses: it is refused at startup."""
+  good = {"prompt": "p", "responses": ["a", "b", "c"], "scores": [1.0, 3.0, 2.0]}
+  lines = [json.dumps(good), '{"prompt": "q", "responses": ["a", "b"], "scores": [1.0, NaN]}']
+  path = tmp_path / "rank.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(data.DataError) as e:
+    data.make_pipeline(config(str(path), kind="rankings", format="rankings"), tok)
+  assert e.value.reason == "non_finite" and "line 2" in str(e.value) and "'scores'" in str(e.value)

@@ -461,3 +461,23 @@ def test_simpo_is_trl_cpo_simpo_without_nll():
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
     np.testing.assert_allclose(a.chosen_rewards, b.chosen_rewards, rtol=1e-6)
   np.testing.assert_allclose(L.simpo(lp, gamma=0.7).loss, L.simpo(lp, simpo_gamma=0.7).loss)
+
+
+def test_hyperparameter_ranges():
+  """beta = 0 makes DPO a constant log 2 (no gradient) and beta < 0 trains the inverted
+  preference: both are refused, as are smoothing outside [0, 0.5] and non-finite values."""
+  import math  # pylint: disable=g-import-not-at-top
+  from prefjax import losses  # pylint: disable=g-import-not-at-top
+  assert losses.hyperparameter_errors({"beta": 0.1, "label_smoothing": 0.5, "name": "x"}) == []
+  assert losses.hyperparameter_errors({"beta": 0.0}) == ["beta=0.0 must be > 0"]
+  assert losses.hyperparameter_errors({"beta": -1}) == ["beta=-1 must be > 0"]
+  assert losses.hyperparameter_errors({"label_smoothing": -0.1}) == [
+      "label_smoothing=-0.1 must be >= 0 and <= 0.5"]
+  assert losses.hyperparameter_errors({"simpo_gamma": 0.0, "nll_normalization": "batch"}) == []
+  assert losses.hyperparameter_errors({"anything": math.inf}) == [
+      "anything=inf must be a finite number"]
+  # Every ranged name is a hyperparameter of some registered loss.
+  import inspect  # pylint: disable=g-import-not-at-top
+  taken = {k for reg in (losses.LOSSES, losses.UNPAIRED_LOSSES) for f in reg.values()
+           for k in inspect.signature(f).parameters}
+  assert set(losses.HYPERPARAMETER_RANGES) <= taken
