@@ -28,3 +28,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     detail = detail.replace("'", "").strip('" ')
     print(f"error: bad config override among {bad}: {detail}", file=sys.stderr)
   sys.exit(2)
+
+
+def config_value(holder) -> object:
+  """The `--config` flag's ConfigDict (None when not given); a file that cannot be loaded
+  (missing, or raising in `get_config`) is one line on stderr and exit status 2."""
+  try:
+    value = holder.value
+    if value is not None:
+      value.get("task")  # a config file that failed to load raises on first use
+    return value
+  except OSError as e:
+    spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+    cause = str(e.__cause__ or e).strip().splitlines()
+    print(f"error: cannot load --config={spec}: {cause[-1].strip() if cause else e}",
+          file=sys.stderr)
+    sys.exit(2)
+

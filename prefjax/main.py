@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  config = _CONFIG.value
+  config = flag_parsing.config_value(_CONFIG)
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/quickstart.py)")
   from prefjax import checkpoint, data  # pylint: disable=g-import-not-at-top

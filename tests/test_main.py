@@ -155,3 +155,10 @@ def test_help_exits_zero_with_the_flags():
   r = subprocess.run([sys.executable, "-m", "prefjax.main", "--help"], cwd=str(lh.REPO),
                      capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 0 and "--workdir" in r.stdout and "resumes" in r.stdout
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  r = lh.run_main(str(tmp_path / "wd"), [], config="configs/no_such_recipe.py")
+  assert r.returncode == 2
+  assert r.stderr.strip() == ("error: cannot load --config=configs/no_such_recipe.py: [Errno 2] "
+                              "No such file or directory: 'configs/no_such_recipe.py'")

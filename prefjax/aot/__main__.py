@@ -20,6 +20,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from prefjax import flag_parsing
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file (configs/NAME.py[:ARG]); override keys with --config.a.b=v.",
     lock_config=True)
@@ -44,7 +46,8 @@ def _compile_only_environment() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  config = flag_parsing.config_value(_CONFIG)
+  if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/dpo_gemma7b.py)")
   if not _TOPOLOGY.value:
     raise app.UsageError("--topology is required (e.g. --topology=v5e:4x4)")
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> None:
   try:
     topo = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
     _check_libtpu()
-    report = compile_lib.compile_recipe(_CONFIG.value, topo, programs=tuple(_PROGRAMS.value))
+    report = compile_lib.compile_recipe(config, topo, programs=tuple(_PROGRAMS.value))
   except (ValueError, validation.ConfigError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -75,7 +78,6 @@ def _check_libtpu() -> None:
 
 
 def run() -> None:
-  from prefjax import flag_parsing  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=flag_parsing.parse_flags)
 
 
