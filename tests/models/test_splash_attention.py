@@ -14,6 +14,7 @@ from jax.sharding import AxisType, Mesh
 
 from prefjax.models import splash_attention as sa
 from prefjax.models.transformer import attention_mask
+from tests.models.attention_util import random_attention_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BLOCK = 128  # smallest legal block (lane width): several blocks per row at T = 256
@@ -63,14 +64,7 @@ def _layout(kind: str, t: int):
   return seg, pos, (br if kind in ("prompt_shared", "with_empty_row") else None)
 
 
-def _inputs(b, t, k, g, h, seg, seed=0):
-  """float32 q [B,T,K,G,H], key/val [B,T,K,H], and a cotangent that is 0 at padding queries."""
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, k, g, h))
-  key = jax.random.normal(ks[1], (b, t, k, h))
-  val = jax.random.normal(ks[2], (b, t, k, h))
-  ct = jax.random.normal(ks[3], (b, t, k, g, h)) * (seg != 0)[:, :, None, None, None]
-  return q, key, val, ct
+_inputs = random_attention_inputs
 
 
 def _value_and_grads(fn, q, key, val, ct):

@@ -10,6 +10,7 @@ from prefjax.models.layers import attend, attend_reference, batch_is_split
 from prefjax.models.transformer import attention_mask
 from prefjax.models.window_attention import (window_flash_attention, window_index,
                                              window_widths)
+from tests.models.attention_util import random_attention_inputs
 
 
 def _packed_rows(t: int, lengths: list[list[int]], branches: bool):
@@ -31,14 +32,7 @@ def _packed_rows(t: int, lengths: list[list[int]], branches: bool):
   return attention_mask(idx, idx, seg_j, seg_j, **kw), seg
 
 
-def _inputs(b, t, k, g, h, seg, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, k, g, h))
-  key = jax.random.normal(ks[1], (b, t, k, h))
-  val = jax.random.normal(ks[2], (b, t, k, h))
-  # Cotangent only at real query rows (padding rows see no key; nothing reads them).
-  r = jax.random.normal(ks[3], (b, t, k, g, h)) * (seg != 0)[:, :, None, None, None]
-  return q, key, val, r
+_inputs = random_attention_inputs
 
 
 CASES = [  # t, lengths per row, branches, block, tile, softcap, (k, g)
