@@ -114,7 +114,7 @@ class Spec:
   # float32, or bfloat16 mixed precision on both sides (float32 master weights and optimizer;
   # TRL: `bf16=True`, torch.autocast; prefjax: ModelConfig.dtype, float32 accumulation).
   precision: str = "float32"
-  # prefjax's own settings (same gradients; docs/performance.md "CPU scheduler, scan"):
+  # prefjax's own settings (same gradients; docs/performance.md):
   prefjax_scan_layers: bool = True  # ModelConfig.scan_layers
   prefjax_remat: str = "none"  # ModelConfig.remat: none | full | save_dots
   # Kernels.attention_causal_block: "auto" (`causal_block_for`), "default" (the platform's,

@@ -37,7 +37,7 @@ def get_config(arg=None):
   else:
     c.loss.beta = 0.1
   c.reference.mode = "none" if a.rm else "precomputed"
-  # Measured on the shared 2-vCPU dev machine, held-out accuracy on 504 pairs (chance 0.5):
+  # Measured on a 2-vCPU machine, held-out accuracy on 504 pairs (chance 0.5):
   #   DPO (default): 0.569 / 0.593 / 0.579 / 0.577 / 0.583 at steps 30 / 60 / 90 / 120 / 150
   #     (10 CPU-min; 23 min wall on the heavily shared machine)
   #   `:rm`: 0.554 / 0.565 / 0.558 / 0.560 at steps 30 / 60 / 90 / 120, eval loss 0.716 -> 0.690

@@ -6,8 +6,8 @@ and unmaps them on `free`, so each training step touches gigabytes of brand-new 
 a `bench_46m` trunk forward+backward (16 x 256 tokens) takes ~4.5 million minor page faults,
 each one a kernel entry that zeroes a page. glibc's tunable `glibc.malloc.hugetlb=1` (glibc
 >= 2.35) makes malloc `madvise(MADV_HUGEPAGE)` those mappings, so the kernel backs them with
-2 MiB transparent huge pages: ~20x fewer faults and 15-25% less step time on the 2-vCPU
-dev machine (docs/performance.md, "Profile: what changed on 2026-12-02"), same peak RSS.
+2 MiB transparent huge pages: ~20x fewer faults and 15-25% less step time on a 2-vCPU
+Zen 5 VM (`benchmarks/compare_trl.py`), same peak RSS.
 
 glibc reads tunables once, at process start, so the `prefjax` command line re-executes itself
 with the tunable added to `GLIBC_TUNABLES` before it imports JAX (`reexec_with_tuned_malloc`).

@@ -5,8 +5,8 @@
 
 Why not autodiff: differentiating the einsums lets XLA:CPU fuse the activation's backward
 with a transpose of the [B·T, F] gradient (to feed the weight-gradient matmul), a strided
-write that on the 2-core dev VM cost more than all the MLP matmuls together
-(`benchmarks/train_step.py`, docs/performance.md "Profile"). Here every weight gradient is an
+write that on a 2-core CPU cost more than all the MLP matmuls together (traced with
+`benchmarks/train_step.py --profile-dir`, `benchmarks/profile_summary.py`). Here every weight gradient is an
 explicit `[M, D]^T @ [M, F]` contraction over the flattened tokens, which XLA hands to the
 matmul library with a transposed-operand flag instead of materialising a transpose: the MLP
 forward+backward ran 2.1x faster (f32, B·T = 4096, D = 512, F = 2048). The residuals are

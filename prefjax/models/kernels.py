@@ -49,7 +49,7 @@ class Kernels:
       blocks of this many, each rematerialised. Either way the f32 [B, T, N, S] scores never
       exist whole (0: never). 256 on CPU: with scanned layers, T = 512 / 1024 steps ran 7% / 12%
       faster than saving the probabilities (the scan stacks them per layer) and T = 256 ran
-      26% slower; unrolled layers ran as fast either way (docs/performance.md, round 7).
+      26% slower; unrolled layers ran as fast either way (`benchmarks/scaling.py`).
     attention_causal_block: self-attention without a KV cache splits its queries into blocks
       of this many slots, each attending only to the keys up to its last slot (exact under the
       causal mask; about half the score work at long lengths; 0: every query sees all S keys).
@@ -60,13 +60,13 @@ class Kernels:
       (window_attention.py; exact). 0 (default): off. 64 on prompt-shared [4, 768] reward
       batches: attention about half the time, the step about 5% faster, and about 0.5-0.8 GiB
       more host memory while compiling (one switch branch per window width;
-      docs/performance.md "Key windows").
+      docs/performance.md).
     logps_implementation: the vocabulary head's per-token log-probs
       (`prefjax.ops.token_logps_from_hidden`): "custom_vjp" | "saved_logits" | "checkpoint" |
       None (the ops default, custom_vjp). saved_logits keeps each chunk's logits for the
       backward pass: faster on CPU, more memory (docs/performance.md).
     cpu_scheduler: XLA:CPU's instruction scheduler for the step programs: "memory_optimized"
-      (CPU default: lower peak memory, not slower; docs/performance.md "CPU scheduler") |
+      (CPU default: lower peak memory, not slower; docs/performance.md) |
       "concurrency_optimized" | "xla_default" (no option given; every non-CPU default). Only
       applied to single-device CPU programs (`prefjax.train.step.compiler_options`).
   """

@@ -14,7 +14,7 @@ FlashAttention-2's, Dao 2023, arXiv:2307.08691, Alg. 2, as in `causal_flash_atte
 On prompt-shared [4, 768] reward batches (8 pairs, responses 64-192) the windows hold about 60%
 of the causal blocks' score entries; one layer's attention forward + backward ran in about half
 the time of `causal_flash_attention` at block 128, the whole reward step about 5% faster
-(docs/performance.md, "Key windows"). The price is compile time and memory: one switch branch
+(docs/performance.md). The price is compile time and memory: one switch branch
 per window width, per causal block and row.
 
 Rows are processed one at a time, each with its own windows (a Python loop: `lax.map` made

@@ -137,7 +137,7 @@ def compiler_options(kernels: Optional[Kernels] = None, num_devices: int = 1,
   scheduler. On XLA:CPU the default (concurrency-optimised) scheduler starts independent ops
   early so they can run side by side, which keeps their buffers alive together: the 46M DPO
   step held 2.6 GB of temporaries. The memory-optimised scheduler orders for live memory
-  instead; measured side by side (docs/performance.md, "CPU scheduler") it lowered the step's
+  instead; measured side by side (docs/performance.md) it lowered the step's
   peak RSS and did not slow it down.
 
   It is applied to single-device programs only: with several (simulated) CPU devices in one
