@@ -108,10 +108,16 @@ def load_tokenizer(path_or_name: str, *, add_bos: bool = True, add_eos: bool = T
   """Loads a SentencePiece model from a path (local or gs://) or a short name.
 
   Names: "mistral_v1" (shipped with the package), "gemma" / "gemma3" (found through
-  $PREFJAX_TOKENIZER_DIR or ../shared/tokenizers).
+  $PREFJAX_TOKENIZER_DIR or ../shared/tokenizers). A local `.gguf` model file gives the
+  SentencePiece vocabulary stored inside it (`models.sentencepiece_model_from_gguf`).
   """
   path = _resolve(os.fspath(path_or_name))
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"tokenizer model not found: {path}")
-  return Tokenizer(p.read_bytes(), name=str(path_or_name), add_bos=add_bos, add_eos=add_eos)
+  if path.endswith(".gguf"):
+    from prefjax.models import gguf  # pylint: disable=g-import-not-at-top
+    proto = gguf.sentencepiece_model_from_gguf(path)
+  else:
+    proto = p.read_bytes()
+  return Tokenizer(proto, name=str(path_or_name), add_bos=add_bos, add_eos=add_eos)

@@ -15,6 +15,7 @@ path), reward heads, checkpoint import/export and a KV-cache sampler (docs/inter
   cfg, params = models.load_hf_checkpoint(path, mesh=None)         # HF safetensors dir
   models.save_hf_checkpoint(cfg, params, path, max_shard_size="5GB")
   cfg, params = models.load_flax_gemma_checkpoint(path, "gemma_7b")  # official Orbax release
+  cfg, params = models.load_gguf_checkpoint("model.gguf", mesh=mesh)  # llama.cpp file
   out = models.sample(cfg, params, prompts, lengths, rng, max_new_tokens=64, temperature=0.7,
                       top_p=0.95, stop_tokens=[eos])               # right-padded prompts
 
@@ -39,6 +40,7 @@ from prefjax.models.api import (
     unstack_layers,
 )
 from prefjax.models.flax_checkpoint import load_flax_gemma_checkpoint
+from prefjax.models.gguf import load_gguf_checkpoint, sentencepiece_model_from_gguf
 from prefjax.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint
 from prefjax.models.config import PRESETS, ModelConfig, get_config
 from prefjax.models.kernels import Kernels
@@ -47,7 +49,7 @@ from prefjax.models.transformer import Transformer, attention_mask, init_cache
 
 __all__ = [
     "PRESETS", "Kernels", "ModelConfig", "SampleOutput", "sample", "config_from_hf", "config_to_hf", "load_hf_checkpoint",
-    "load_flax_gemma_checkpoint",
+    "load_flax_gemma_checkpoint", "load_gguf_checkpoint", "sentencepiece_model_from_gguf",
     "save_hf_checkpoint", "Transformer", "abstract_params", "attention_mask", "count_params",
     "forward", "forward_hidden", "get_config", "init_cache", "init_params", "logical_specs",
     "logits_from_hidden", "param_shardings", "reward_model_from_policy", "reward_scores",

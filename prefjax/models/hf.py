@@ -283,11 +283,24 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rul
   scan = config_overrides.pop("scan_layers", False)
   cfg = config_from_hf(json.loads(cfg_file.read_text()), **config_overrides)
   reader = CheckpointReader(path)
+  return params_from_hf_tensors(cfg, reader.get, mesh=mesh, rules=rules, scan_layers=scan)
+
+
+def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], *,
+                           mesh: Mesh | None = None, rules: Any = None,
+                           scan_layers: bool = False) -> tuple[ModelConfig, api.Params]:
+  """Builds prefjax params of the unscanned `cfg` from HF-named tensors, one at a time.
+
+  `get(name)` returns the HF tensor `name` (torch layout) as a numpy array; each is converted
+  to cfg.param_dtype in the prefjax layout and, with `mesh`, placed straight into its target
+  sharding. Returns `(cfg, params)`, stacked under `layers` when `scan_layers`.
+  """
+  scan = scan_layers
   shardings = api.param_shardings(cfg, mesh, rules) if mesh is not None else None
   dtype = cfg.jnp_param_dtype
   params: dict = {}
   for target, names, to_ours, _ in conversion_entries(cfg):
-    x = to_ours(*[reader.get(name).astype(np.float32) for name in names]).astype(dtype)
+    x = to_ours(*[np.asarray(get(name), np.float32) for name in names]).astype(dtype)
     _set(params, target, jax.device_put(x, _get(shardings, target)) if mesh is not None
          else jnp.asarray(x))
   if cfg.num_reward_heads:
