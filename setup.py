@@ -38,7 +38,7 @@ setuptools.setup(
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         # Parity tests against Hugging Face TRL / transformers. torch==2.13.0 is the CPU build.
-        "parity": ["torch==2.13.0", "trl==1.16.0", "transformers>=4.56"],
+        "parity": ["torch==2.13.0", "trl==1.16.0", "transformers>=4.56", "peft>=0.13"],
         # GGUF (llama.cpp) model files: models.load_gguf_checkpoint, a .gguf data.tokenizer.
         "gguf": ["gguf>=0.19"],
     },
