@@ -74,6 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hidden_dim = placeholder(int)  # override the preset's MLP width
   c.model.final_logit_softcap = placeholder(float)  # override the preset's final logit soft-cap
   c.model.sliding_window = placeholder(int)  # override the preset's sliding window
+  # LoRA (Hu et al. 2021): train rank-r adapters on the named projections; the frozen base is
+  # also the reference model. rank 0 trains every parameter.
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # 0: full fine-tuning
+  c.model.lora.alpha = placeholder(float)  # the update is scaled by alpha / rank (None: 2 * rank)
+  c.model.lora.targets = "q,k,v,o"  # comma-separated subset of q,k,v,o,gate,up,down
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"  # preference: any prefjax.losses.names(); kto: kto; reward: bradley_terry | kwise

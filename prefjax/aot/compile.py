@@ -255,7 +255,7 @@ def compile_recipe(config: Any, topo: Topology, *, programs: tuple[str, ...] = P
       if "out_of_memory" not in r:
         report["roofline"] = roofline(r, fl, topo, model_cfg.remat,
                                       dense_attention=progs.kernels.attention != "splash")
-    ref_params = state.params if progs.has_ref_params else None
+    ref_params = state.ref_params if progs.has_ref_params else None
     has_eval = data_io.has_eval(config)
     if has_eval and ("eval" in programs or "diagnostics" in programs):
       eb = abstract_batch(config, mesh, num_processes, "eval")
@@ -273,7 +273,8 @@ def compile_recipe(config: Any, topo: Topology, *, programs: tuple[str, ...] = P
                                                       ref_params)
     if "reference" in programs and progs.ref_mode == "precomputed":
       ref_batch = {k: v for k, v in batch.items() if k != "ref_logps"}
-      _, r = _compile("reference", progs.reference_pass(), (state.params, ref_batch))
+      base = state.ref_params if progs.lora is not None else state.params
+      _, r = _compile("reference", progs.reference_pass(), (base, ref_batch))
       report["programs"]["reference"] = r
   report["peak_bytes_per_chip"] = max(
       (p.get("resident_total_bytes", p["total_bytes"]) for p in report["programs"].values()),

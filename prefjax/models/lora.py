@@ -193,6 +193,20 @@ def merge(params: dict, adapters: dict, lcfg: LoraConfig, cfg: ModelConfig) -> d
   return out
 
 
+def trainable_from(params: dict, adapters: dict, also_train: tuple[str, ...] = ()) -> dict:
+  """The trainable tree of a LoRA run: `{"lora": adapters, <key>: params[key] for also_train}`
+  (e.g. a new reward model's `reward_head`, trained in full beside the adapters)."""
+  return {"lora": adapters, **{k: params[k] for k in also_train if k in params}}
+
+
+def apply(base: dict, trainable: dict, lcfg: LoraConfig, cfg: ModelConfig) -> dict:
+  """The policy params of a LoRA run: `base` with the adapters merged and the fully trained
+  top-level entries of `trainable` (see `trainable_from`) in place of the base's."""
+  out = merge(base, trainable["lora"], lcfg, cfg)
+  out.update({k: v for k, v in trainable.items() if k != "lora"})
+  return out
+
+
 def count(adapters: dict) -> int:
   return api.count_params(adapters)
 

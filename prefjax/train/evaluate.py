@@ -69,8 +69,13 @@ def diagnostics(params: Any, ref_params: Optional[Any], batch: dict[str, jax.Arr
 
 
 def jit_diagnostics(model_cfg: Any, layout: str, param_sh: Any, ref_sh: Any, batch_sh: Any,
-                    mesh: Mesh, k: int, chunk_size: int, kernels: Any = None) -> Callable:
+                    mesh: Mesh, k: int, chunk_size: int, kernels: Any = None,
+                    policy_params: Callable | None = None) -> Callable:
+  """Jitted `(params, ref_params, batch) -> diagnostics`; `policy_params(ref_params, params)`
+  gives the policy's params when `params` are not them (LoRA adapters)."""
   def fn(params, ref_params, batch):
+    if policy_params is not None:
+      params = policy_params(ref_params, params)
     return diagnostics(params, ref_params, batch, model_cfg=model_cfg, layout=layout, k=k,
                        chunk_size=chunk_size, kernels=kernels)
   return jax.jit(fn, in_shardings=(param_sh, ref_sh, batch_sh),

@@ -13,9 +13,10 @@ from typing import Any, Callable, Optional
 
 import jax
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prefjax import models
+from prefjax.models import lora as lora_lib
 from prefjax.train import builders
 from prefjax.train import evaluate as eval_lib
 from prefjax.train import optimizer as optim_lib
@@ -40,6 +41,22 @@ def head_options(config: Any, kernels: models.Kernels) -> tasks_lib.HeadOptions:
       bool(t.get("logps_compact", True)), int(t.get("logps_compact_chunk_size", 512)))
 
 
+def lora_config(config: Any) -> Optional[lora_lib.LoraConfig]:
+  """`model.lora.*` as a `LoraConfig`, or None when `model.lora.rank` is 0 / unset."""
+  spec = config.model.get("lora")
+  if spec is None or not int(spec.get("rank") or 0):
+    return None
+  targets = spec.get("targets") or "q,k,v,o"
+  if isinstance(targets, str):
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  return lora_lib.LoraConfig(int(spec.rank), float(spec.get("alpha") or 2 * int(spec.rank)),
+                             tuple(targets))
+
+
+# Top-level params trained in full beside LoRA adapters, per task (a new reward head).
+LORA_ALSO_TRAIN = {"reward": ("reward_head",)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """Everything a run jits, for one config on one mesh.
@@ -54,6 +71,11 @@ class Programs:
     tx / schedule: the optax optimizer and its learning-rate schedule.
     task: the loss over the layout.
     state_sh: `TrainState` of shardings (reference params included when ref_mode=model).
+    lora: the LoRA config when the run trains adapters (`model.lora.rank` > 0), else None.
+      Then `state.params` is the trainable tree (`lora.trainable_from`: adapters, plus a
+      reward task's new head) with shardings `train_sh`, and `state.ref_params` is the
+      frozen base model, which is also the reference model.
+    train_sh / abstract_train: shardings and `ShapeDtypeStruct`s of `state.params`.
   """
   config: Any
   mesh: Mesh
@@ -68,15 +90,37 @@ class Programs:
   schedule: optax.Schedule
   task: tasks_lib.Task
   state_sh: state_lib.TrainState
+  lora: Optional[lora_lib.LoraConfig] = None
+  train_sh: Any = None
+  abstract_train: Any = None
 
   @property
   def has_ref_params(self) -> bool:
-    return self.ref_mode == "model"
+    """Whether the state holds `ref_params` (the reference model, or a LoRA run's base)."""
+    return self.ref_mode == "model" or self.lora is not None
 
   def abstract_state(self) -> state_lib.TrainState:
     """The train state as `ShapeDtypeStruct`s with their target shardings."""
-    return state_lib.abstract_state(self.tx, self.abstract_params, self.state_sh,
-                                    self.has_ref_params)
+    return state_lib.abstract_state(
+        self.tx, self.abstract_train, self.state_sh, self.has_ref_params,
+        abstract_ref=self.abstract_params if self.lora is not None else None)
+
+  def initial_trainable(self, params: Any, seed: int) -> Any:
+    """`state.params` of a new run from the initial model `params` (LoRA: fresh adapters)."""
+    if self.lora is None:
+      return params
+    also = LORA_ALSO_TRAIN.get(self.config.task, ())
+    adapters = jax.jit(lambda: lora_lib.init_adapters(self.model_cfg, self.abstract_params,
+                                                      self.lora, jax.random.key(seed)),
+                       out_shardings=self.train_sh["lora"])()
+    return lora_lib.trainable_from(params, adapters, also)
+
+  def policy_params(self, state: state_lib.TrainState) -> Any:
+    """The trained model's params (LoRA: the base with the adapters merged)."""
+    if self.lora is None:
+      return state.params
+    return jax.jit(lambda b, t: lora_lib.apply(b, t, self.lora, self.model_cfg),
+                   out_shardings=self.param_sh)(state.ref_params, state.params)
 
   def train_step(self, batch_sh: Any) -> Callable:
     """Jitted `(state, batch) -> (state, metrics)`, state donated."""
@@ -87,7 +131,7 @@ class Programs:
   def eval_step(self, batch_sh: Any) -> Callable:
     """Jitted `(params, ref_params, batch) -> stats`."""
     ref_sh = self.param_sh if self.has_ref_params else None
-    return step_lib.jit_eval_step(self.task, self.param_sh, ref_sh, batch_sh, self.mesh,
+    return step_lib.jit_eval_step(self.task, self.train_sh, ref_sh, batch_sh, self.mesh,
                                   kernels=self.kernels)
 
   def diagnostics(self, batch_sh: Any) -> Optional[Callable]:
@@ -96,9 +140,13 @@ class Programs:
     if self.config.task not in ("preference", "sft") or not c.eval.get("diagnostics", True):
       return None
     ref_sh = self.param_sh if self.has_ref_params else None
-    return eval_lib.jit_diagnostics(self.model_cfg, self.layout, self.param_sh, ref_sh,
+    policy = None
+    if self.lora is not None:
+      policy = lambda base, t: lora_lib.apply(base, t, self.lora, self.model_cfg)  # noqa: E731
+    return eval_lib.jit_diagnostics(self.model_cfg, self.layout, self.train_sh, ref_sh,
                                     batch_sh, self.mesh, int(c.eval.get("topk", 10)),
-                                    int(c.train.logps_chunk_size), self.kernels)
+                                    int(c.train.logps_chunk_size), self.kernels,
+                                    policy_params=policy)
 
   def reference_pass(self) -> Optional[Callable]:
     """Jitted `(ref_params, batch) -> reference log-probs` (ref_mode=precomputed), or None."""
@@ -125,6 +173,22 @@ def build(config: Any, mesh: Mesh, rules: Any, model_cfg: Any, total_steps: int)
   task = tasks_lib.make_task(config.task, model_cfg=model_cfg, layout=layout,
                              loss_config=config.loss, ref_mode=mode, chunk_size=head,
                              kernels=kernels)
-  state_sh = state_lib.state_shardings(tx, abstract, param_sh, mesh, mode == "model")
+  lcfg = lora_config(config)
+  if lcfg is None:
+    state_sh = state_lib.state_shardings(tx, abstract, param_sh, mesh, mode == "model")
+    return Programs(config, mesh, mode, layout, head, model_cfg, kernels, param_sh, abstract,
+                    tx, schedule, task, state_sh, None, param_sh, abstract)
+  # LoRA: adapters (small, replicated) and a reward task's new head are trained; the base is
+  # the frozen reference.
+  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(model_cfg, abstract, lcfg,
+                                                           jax.random.key(0)))
+  repl = NamedSharding(mesh, P())
+  also = LORA_ALSO_TRAIN.get(config.task, ())
+  train_sh = lora_lib.trainable_from(param_sh, jax.tree.map(lambda _: repl, adapters), also)
+  abstract_train = jax.tree.map(
+      lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+      lora_lib.trainable_from(abstract, adapters, also), train_sh)
+  task = tasks_lib.with_lora(task, lcfg, model_cfg)
+  state_sh = state_lib.state_shardings(tx, abstract_train, train_sh, mesh, True, ref_sh=param_sh)
   return Programs(config, mesh, mode, layout, head, model_cfg, kernels, param_sh, abstract, tx,
-                  schedule, task, state_sh)
+                  schedule, task, state_sh, lcfg, train_sh, abstract_train)

@@ -44,13 +44,17 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
 
 
 def state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_sh: Any,
-                    mesh: Mesh, has_ref: bool) -> TrainState:
-  """A `TrainState` whose leaves are the `NamedSharding` of each state leaf."""
+                    mesh: Mesh, has_ref: bool, ref_sh: Any = None) -> TrainState:
+  """A `TrainState` whose leaves are the `NamedSharding` of each state leaf.
+
+  `ref_sh`: the reference params' shardings when they differ from the trainable params'
+  (a LoRA run trains adapters; its reference is the base model).
+  """
   repl = NamedSharding(mesh, P())
   return TrainState(
       step=repl, params=param_sh,
       opt_state=opt_state_shardings(tx, abstract_params, param_sh, mesh),
-      ref_params=param_sh if has_ref else None, rng=repl)
+      ref_params=(param_sh if ref_sh is None else ref_sh) if has_ref else None, rng=repl)
 
 
 def create_state(params: Any, tx: optax.GradientTransformation, state_sh: TrainState,
@@ -64,12 +68,16 @@ def create_state(params: Any, tx: optax.GradientTransformation, state_sh: TrainS
 
 
 def abstract_state(tx: optax.GradientTransformation, abstract_params: Any,
-                   state_sh: TrainState, has_ref: bool) -> TrainState:
-  """`ShapeDtypeStruct` state carrying target shardings (the Orbax restore target)."""
-  def build(params):
+                   state_sh: TrainState, has_ref: bool, abstract_ref: Any = None) -> TrainState:
+  """`ShapeDtypeStruct` state carrying target shardings (the Orbax restore target).
+
+  `abstract_ref`: the reference params when they are not shaped like the trainable ones.
+  """
+  def build(params, ref):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ref_params=params if has_ref else None, rng=jax.random.PRNGKey(0))
-  shapes = jax.eval_shape(build, abstract_params)
+                      ref_params=(params if ref is None else ref) if has_ref else None,
+                      rng=jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(build, abstract_params, abstract_ref)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, state_sh)
 

@@ -355,6 +355,22 @@ def _eval_fn(loss_fn: LossFn) -> Callable[..., Stats]:
   return fn
 
 
+def with_lora(task: Task, lcfg: Any, model_cfg: Any) -> Task:
+  """`task` trained through LoRA adapters (Hu et al. 2021): `params` is the trainable tree of
+  `lora.trainable_from` and `ref_params` the frozen base model, which is also the reference
+  model, so the reference pass is the same forward on the base weights."""
+  from prefjax.models import lora  # pylint: disable=g-import-not-at-top
+
+  def through_adapters(fn):
+    def wrapped(trainable, base, batch):
+      policy = lora.apply(base, trainable, lcfg, model_cfg)
+      return fn(policy, base if task.uses_ref_model else None, batch)
+    return wrapped
+
+  return Task(task.name, through_adapters(task.loss_fn), through_adapters(task.eval_fn),
+              task.uses_ref_model)
+
+
 def loss_kwargs_from_config(loss_config: Any, exclude: tuple[str, ...] = ("name",)) -> dict:
   """`config.loss` minus its `name` and unset (None) entries."""
   return {k: v for k, v in dict(loss_config).items() if k not in exclude and v is not None}

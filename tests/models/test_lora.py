@@ -64,9 +64,10 @@ def test_adapter_gradients_are_the_chain_rule_of_the_full_gradient(preset):
       for k in key[:-1]:
         node = node[k]
       node[key[-1]] = node[key[-1]] + d if idx is None else node[key[-1]].at[idx].add(d)
-  full_grad = jax.grad(lambda p: _loss(cfg, p, tokens, proj))(merged)
+  full_grad = jax.jit(jax.grad(lambda p: _loss(cfg, p, tokens, proj)))(merged)
 
-  ours = jax.grad(lambda a: _loss(cfg, lora.merge(params, a, lcfg, cfg), tokens, proj))(adapters)
+  ours = jax.jit(jax.grad(
+      lambda a: _loss(cfg, lora.merge(params, a, lcfg, cfg), tokens, proj)))(adapters)
   for i in range(cfg.num_layers):
     for t, (key, idx, eq) in views.items():
       g = full_grad[f"layer_{i}"]
