@@ -155,6 +155,17 @@ class Trainer:
 
   def _new_state(self) -> state_lib.TrainState:
     params = self._initial_params()
+    seed = int(self.config.seed)
+    if self.programs.lora is not None:
+      # LoRA: the initial model is the frozen base and the reference; adapters are trained.
+      if self.config.reference.get("init"):
+        raise validation.ConfigError(
+            "config.reference.init cannot be combined with config.model.lora.rank > 0: a LoRA "
+            "run's reference is its frozen base model")
+      if self.ref_mode == "precomputed":
+        self._precompute(params)
+      trainable = self.programs.initial_trainable(params, seed)
+      return state_lib.create_state(trainable, self.tx, self.state_sh, params, seed)
     ref = None
     if self.ref_mode in ("model", "precomputed"):
       ref = self._reference_params(params)
@@ -162,7 +173,7 @@ class Trainer:
       self._precompute(ref)
       ref = None
       gc.collect()
-    return state_lib.create_state(params, self.tx, self.state_sh, ref, int(self.config.seed))
+    return state_lib.create_state(params, self.tx, self.state_sh, ref, seed)
 
   def _precompute(self, ref_params: Any) -> None:
     """One pass of the reference over the train (and eval) batches, into the cache."""
@@ -196,9 +207,7 @@ class Trainer:
     if self.ref_mode == "precomputed":
       self.ref_cache = data_io.ref_cache(self.config, self.workdir).load()
       self._pretrained = None
-    abstract = state_lib.abstract_state(self.tx, self.abstract_params, self.state_sh,
-                                        self.ref_mode == "model")
-    return self.ckpt.restore(step, abstract, data_iter)
+    return self.ckpt.restore(step, self.programs.abstract_state(), data_iter)
 
   # --------------------------------------------------------------------- loop
 
