@@ -91,9 +91,11 @@ def model_config(model: Any, *, task: str, base: Optional[Any] = None) -> Any:
 
 
 def init_kind(path: Optional[str]) -> str:
-  """What `model.init` points at: none | hf | workdir | flax."""
+  """What `model.init` points at: none | hf | workdir | gguf | flax."""
   if not path:
     return "none"
+  if path.endswith(".gguf"):
+    return "gguf"
   if "://" not in path and os.path.isdir(os.path.join(path, "checkpoints")):
     return "workdir"
   if "://" not in path and os.path.exists(os.path.join(path, "config.json")):
@@ -103,7 +105,8 @@ def init_kind(path: Optional[str]) -> str:
 
 def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
                     ) -> tuple[Any, Any]:
-  """`(cfg, params)` from a Hugging Face dir, an official Flax Gemma checkpoint or a workdir."""
+  """`(cfg, params)` from a Hugging Face dir, a GGUF file, an official Flax Gemma checkpoint or
+  a prefjax workdir."""
   kind = init_kind(path)
   if kind == "workdir":
     from prefjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -120,6 +123,8 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
   runtime = {k: model.get(k) for k in RUNTIME_KEYS if model.get(k) is not None}
   if kind == "hf":
     cfg, params = models.load_hf_checkpoint(path, mesh=mesh, rules=rules, **runtime)
+  elif kind == "gguf":
+    cfg, params = models.load_gguf_checkpoint(path, mesh=mesh, rules=rules, **runtime)
   else:
     cfg, params = models.load_flax_gemma_checkpoint(path, model.preset, mesh=mesh, rules=rules,
                                                     **runtime)

@@ -28,12 +28,32 @@ def _permute_to_interleaved(w: np.ndarray, heads: int) -> np.ndarray:
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny(path: str, arch: str, seed: int = 0) -> None:
+def _spm_vocab(path: str):
+  """(pieces, scores, types, special ids) of a SentencePiece model, as GGUF stores them."""
+  from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # pylint: disable=g-import-not-at-top
+  m = sp_pb2.ModelProto()
+  with open(path, "rb") as f:
+    m.ParseFromString(f.read())
+  t = m.trainer_spec
+  return ([p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces],
+          {"bos": t.bos_id, "eos": t.eos_id, "pad": max(t.pad_id, 0), "unk": t.unk_id},
+          m.normalizer_spec.add_dummy_prefix)
+
+
+def _write_tiny(path: str, arch: str, seed: int = 0, vocab_from: str | None = None) -> None:
   rng = np.random.default_rng(seed)
   gemma = arch.startswith("gemma")
   # Gemma head_dim 256 as released: transformers' GGUF reader keeps Gemma 2/3's default
   # query_pre_attn_scalar (256) where llama.cpp scales by head_dim.
   vocab, d, n, k, h, f, layers = 64, 32, 2, 1, 256 if gemma else 16, 64, 2
+  if vocab_from:
+    pieces, scores, types, special, space_prefix = _spm_vocab(vocab_from)
+    vocab = len(pieces)
+  else:
+    pieces, scores = [f"<t{i}>" for i in range(vocab)], [0.0] * vocab
+    types = [3, 3, 3, 2] + [1] * (vocab - 4)
+    special = {"bos": 2 if gemma else 1, "eos": 1 if gemma else 2, "pad": 0, "unk": 3}
+    space_prefix = False
   w = gguf.GGUFWriter(path, arch)
   w.add_context_length(128)
   w.add_embedding_length(d)
@@ -51,13 +71,14 @@ def _write_tiny(path: str, arch: str, seed: int = 0) -> None:
     w.add_attn_logit_softcapping(50.0)
     w.add_final_logit_softcapping(30.0)
   w.add_tokenizer_model("llama")
-  w.add_token_list([f"<t{i}>" for i in range(vocab)])
-  w.add_token_scores([0.0] * vocab)
-  w.add_token_types([3, 3, 3, 2] + [1] * (vocab - 4))
-  w.add_bos_token_id(2 if gemma else 1)
-  w.add_eos_token_id(1 if gemma else 2)
-  w.add_pad_token_id(0)
-  w.add_unk_token_id(3)
+  w.add_token_list(pieces)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_bos_token_id(special["bos"])
+  w.add_eos_token_id(special["eos"])
+  w.add_pad_token_id(special["pad"])
+  w.add_unk_token_id(special["unk"])
+  w.add_add_space_prefix(space_prefix)
 
   def add(name, arr, quantize=False):
     arr = np.asarray(arr, np.float32)
@@ -143,6 +164,40 @@ def test_not_a_gguf_file_is_one_clear_error(tmp_path):
     models.load_gguf_checkpoint(str(bad))
   with pytest.raises(FileNotFoundError, match="GGUF file not found"):
     models.load_gguf_checkpoint(str(tmp_path / "missing.gguf"))
+
+
+def test_tokenizer_of_a_llama_style_vocabulary_equals_its_tokenizer_model(tmp_path):
+  """A file carrying the shipped Mistral v1 vocabulary (BPE, byte fallback, dummy prefix)
+  gives the ids of that tokenizer.model."""
+  from prefjax import data  # pylint: disable=g-import-not-at-top
+  from prefjax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  spm_path = str(tok_lib._ASSETS / "mistral_v1" / "tokenizer.model")  # pylint: disable=protected-access
+  path = str(tmp_path / "tiny_llama_vocab.gguf")
+  _write_tiny(path, "llama", vocab_from=spm_path)
+  ours, ref = data.load_tokenizer(path), data.load_tokenizer(spm_path)
+  for text in ("Human: How do I bake bread?\n\nAssistant: Mix 500 g flour…  ok",
+               "def f(x):\n    return x**2  # 12345 émigré 日本語 🎉", " leading space", ""):
+    assert ours.encode_prompt(text) == ref.encode_prompt(text), text
+    assert ours.encode_response(text) == ref.encode_response(text), text
+
+
+def test_cli_trains_lora_dpo_from_a_gguf_model_and_its_tokenizer(tmp_path):
+  """model.init and data.tokenizer both name a .gguf file; LoRA adapters train on it."""
+  from prefjax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from tests.train import loop_helpers as lh  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "tiny_gemma3_vocab.gguf")
+  _write_tiny(path, "gemma3", vocab_from=str(tok_lib._ASSETS / "mistral_v1" / "tokenizer.model"))  # pylint: disable=protected-access
+  data = lh.write_pairs(tmp_path / "pairs.jsonl")
+  r = lh.run_main(str(tmp_path / "run"), lh.overrides(
+      data, **{"model.init": path, "data.tokenizer": path, "model.lora.rank": 2,
+               "total_steps": 2, "ckpt.every_steps": 0, "eval.every_steps": 0,
+               "reference.mode": "model"}))
+  assert r.returncode == 0, r.stderr[-3000:]
+  losses = lh.losses(str(tmp_path / "run"))
+  assert abs(losses[1] - np.log(2)) < 1e-5 and set(losses) == {1, 2}
+  saved = json.load(open(tmp_path / "run" / "config.json", encoding="utf-8"))
+  assert saved["resolved_model"]["family"] == "gemma3"
+  assert saved["resolved_model"]["vocab_size"] == 32_000
 
 
 # ----------------------------------------------------------------- the real Gemma 3 270M
