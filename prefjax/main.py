@@ -90,16 +90,35 @@ def dispatch(config: Any, workdir: str) -> None:
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax / jax / grain; keeps their warnings and prefjax's info."""
+  """Drops INFO chatter of orbax / jax / grain; keeps their warnings and prefjax's info.
+
+  Orbax logs a failed background save once per thread, each with its traceback; the run then
+  stops with one `error:` line naming the step and the cause, so their tracebacks are cut to
+  the message line.
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
     noisy = any(s in record.pathname for s in ("/orbax/", "/jax/", "/grain/", "/jaxlib/"))
+    if "/orbax/" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= logging.WARNING or not noisy
+
+
+def _quiet_closed_event_loops(default_hook):
+  """An unraisable-exception hook that drops TensorStore callbacks into the event loops of a
+  failed (already reported) Orbax save, and passes everything else on."""
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    default_hook(unraisable)
+  return hook
 
 
 def main(argv: list[str]) -> None:
   for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     h.addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:

@@ -200,7 +200,8 @@ class Trainer:
     return itertools.islice(self._eval_iter, n)
 
   def _restore_or_init(self, data_iter: Any) -> state_lib.TrainState:
-    step = self.ckpt.latest_step()
+    # The newest step whose files match their checksums; damaged newer ones are moved aside.
+    step = self.ckpt.latest_intact_step()
     if step is None:
       return self._new_state()
     logging.info("resuming from %s step %d", self.ckpt.directory, step)
@@ -251,6 +252,7 @@ class Trainer:
         wait = time.perf_counter() - t_wait
         state, metrics = self._train_one(state, batch)
         step += 1
+        self.ckpt.check_for_errors()  # a failed background save stops the run here
         flush()
         pending = (step, metrics, local, wait)
         every_log = int(c.log.every_steps)
