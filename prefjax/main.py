@@ -84,7 +84,9 @@ def dispatch(config: Any, workdir: str) -> None:
     raise UsageError(f"unknown config.task {task!r}; tasks: {', '.join(known)}{hint}")
   builders.maybe_initialize_distributed(config.get("distributed"))
   validate.validate(config)
-  out = table[task](config, workdir)
+  from prefjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with workdir_lib.lock(workdir):  # one run per workdir (process 0 holds it)
+    out = table[task](config, workdir)
   if task in EXTERNAL_TASKS and out is not None:
     logging.info("done: %s", out)
 
@@ -126,10 +128,10 @@ def main(argv: list[str]) -> None:
   config = flag_parsing.config_value(_CONFIG)
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/quickstart.py)")
-  from prefjax import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from prefjax import checkpoint, data, workdir  # pylint: disable=g-import-not-at-top
   from prefjax.train import loop, validation as validate  # pylint: disable=g-import-not-at-top
   user_errors = (UsageError, validate.ConfigError, checkpoint.CheckpointError,
-                 loop.NonFiniteLossError, data.DataError)
+                 loop.NonFiniteLossError, data.DataError, workdir.WorkdirError)
   _maybe_enable_compilation_cache(config)
   try:
     dispatch(config, os.path.expanduser(_WORKDIR.value))

@@ -23,6 +23,7 @@ import numpy as np
 from prefjax import checkpoint as ckpt_lib
 from prefjax import models
 from prefjax import sharding as sharding_lib
+from prefjax import workdir as workdir_lib
 from prefjax.train import builders
 from prefjax.train import data_io
 from prefjax.train import evaluate as eval_lib
@@ -76,7 +77,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   builders.maybe_initialize_distributed(config.get("distributed"))
   jax.config.update("jax_threefry_partitionable", True)
   mesh, rules = builders.make_mesh(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+  with workdir_lib.lock(workdir), jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     trainer = Trainer(config, workdir, mesh, rules)
     try:
       return trainer.fit()
@@ -96,6 +97,8 @@ class Trainer:
     self.diag_fn = None
     self._eval_iter = None
     self._setup_model()
+    # Before anything is written: a resume must not change what the checkpoints hold.
+    self._previous_config = self._check_resume()
     ckpt_lib.check_writable(workdir, builders.checkpoint_bytes(
         self.abstract_params, program_lib.ref_mode(config) == "model"))
     self.tokenizer = data_io.load_tokenizer(config)
@@ -106,7 +109,6 @@ class Trainer:
     self.programs = p = program_lib.build(config, mesh, rules, self.model_cfg, self.total_steps)
     self.kernels, self.head, self.ref_mode, self.layout = p.kernels, p.head, p.ref_mode, p.layout
     self.tx, self.schedule, self.task, self.state_sh = p.tx, p.schedule, p.task, p.state_sh
-    self._write_config()
     self.ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=int(config.ckpt.keep),
         best_metric=config.ckpt.get("best_metric") or None,
@@ -126,17 +128,44 @@ class Trainer:
     self.param_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
     self.abstract_params = program_lib.abstract_params(self.model_cfg, self.param_sh)
 
-  def _write_config(self) -> None:
-    if jax.process_index() == 0:
-      # `resolved_model`: the architecture actually trained (for a run initialised from an
-      # HF / Flax checkpoint it differs from the recipe's `model.*` keys); loading this
-      # workdir later (model.init, eval tasks) builds the model from it.
-      from prefjax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
-      data = json.loads(self.config.to_json_best_effort())
-      data["resolved_model"] = model_config_lib.config_to_dict(self.model_cfg)
-      data["resolved_kernels"] = self.kernels.to_dict()  # how it ran (not loaded back)
-      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+  def _config_record(self) -> dict[str, Any]:
+    """config.json's contents: the config, plus `resolved_model` (the architecture actually
+    trained: for a run initialised from an HF / Flax / GGUF checkpoint it differs from the
+    recipe's `model.*` keys; loading this workdir later builds the model from it)."""
+    from prefjax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
+    data = json.loads(self.config.to_json_best_effort())
+    data["resolved_model"] = model_config_lib.config_to_dict(self.model_cfg)
+    return data
+
+  def _check_resume(self) -> Optional[dict[str, Any]]:
+    """Refuses a resume whose config changes the checkpoints' shapes or data (one line with
+    the diff); returns the saved config when other keys changed (warned), else None."""
+    steps = _checkpoint_steps(os.path.join(self.workdir, "checkpoints"))
+    path = os.path.join(self.workdir, "config.json")
+    if not steps or not os.path.exists(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    saved.pop("resolved_kernels", None)
+    warned = workdir_lib.check_resume(saved, self._config_record(), max(steps),
+                                      where=f"workdir {self.workdir}")
+    return saved if warned else None
+
+  def _write_config(self, start_step: int) -> None:
+    """Writes config.json once the state is restored or initialised; a resume that changed
+    keys first keeps the previous config as `config.<start_step>.json`."""
+    if jax.process_index() != 0:
+      return
+    if self._previous_config is not None and start_step > 0:
+      with open(os.path.join(self.workdir, f"config.{start_step}.json"), "w",
+                encoding="utf-8") as f:
+        json.dump(self._previous_config, f, indent=1, sort_keys=True)
+    data = self._config_record()
+    data["resolved_kernels"] = self.kernels.to_dict()  # how it ran (not loaded back)
+    tmp = os.path.join(self.workdir, "config.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(self.workdir, "config.json"))
 
   def _initial_params(self) -> Any:
     if self._pretrained is not None:
@@ -223,6 +252,7 @@ class Trainer:
     self.train_iter = data_iter = data_io.pipeline(c, self.tokenizer, "train")
     state = self._restore_or_init(data_iter)
     start = int(jax.device_get(state.step))
+    self._write_config(start)
     self.writer = MetricsWriter(self.workdir, self.total_steps, start,
                                 progress=bool(c.log.get("progress", True)))
     self.step_fn = None
@@ -366,6 +396,13 @@ def _debug_signal(train_cfg: Any, step: int) -> None:
   at = int(train_cfg.get("debug_signal_at_step", 0) or 0)
   if at and step == at:
     os.kill(os.getpid(), getattr(signal, train_cfg.get("debug_signal", "SIGKILL")))
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+  """Step numbers of the checkpoint folders in `directory` (local; [] for object stores)."""
+  if "://" in directory or not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory) if n.isdigit()]
 
 
 def _prepend(first, rest):
