@@ -169,9 +169,13 @@ def lock(workdir: str, *, process_index: Optional[int] = None) -> Iterator[None]
   with _HELD_GUARD:
     entry = _HELD.get(key)
     if entry is None:
-      if local:
-        os.makedirs(workdir, exist_ok=True)
-      entry = _HELD[key] = [(_LocalLock if local else _ObjectStoreLock)(workdir), 0]
+      try:
+        if local:
+          os.makedirs(workdir, exist_ok=True)
+        entry = _HELD[key] = [(_LocalLock if local else _ObjectStoreLock)(workdir), 0]
+      except OSError as e:
+        raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}. Pick a "
+                           "writable --workdir.") from None
     entry[1] += 1
   try:
     yield

@@ -93,8 +93,9 @@ def _trainer_eval(workdir) -> dict:
 
 
 def _snapshot(root) -> dict:
+  """Size and mtime of every file a run wrote (the workdir lock names each run: left out)."""
   return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in pathlib.Path(root).rglob("*") if p.is_file()}
+          for p in pathlib.Path(root).rglob("*") if p.is_file() and p.name != ".prefjax.lock"}
 
 
 # --------------------------------------------------------------------------- fixtures
