@@ -135,6 +135,10 @@ def main(argv: list[str]) -> None:
   _maybe_enable_compilation_cache(config)
   try:
     dispatch(config, os.path.expanduser(_WORKDIR.value))
+  except loop.StoppedBySignal as e:
+    # Not a success: schedulers see 128 + the signal (143 SIGTERM, 130 SIGINT), as a shell does.
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + int(e.signum))
   except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

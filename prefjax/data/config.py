@@ -36,6 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.read_threads = 2           # grain reader threads per process (record -> tokens)
   c.prefetch_buffer_size = 64  # featurized elements buffered per process
   c.on_bad_record = "error"    # error: stop at the first malformed record; skip: count and go on
+  c.max_consecutive_drops = 10_000  # train: stop (with the drop counts) after this many records
+                               # in a row yield nothing usable, or a whole pass of the split
+                               # (0: never; a signal still stops a run waiting for data)
   c.chat_template = "hh"       # hh | gemma | llama3 | none
   c.tokenizer = "mistral_v1"   # tokenizer path or name (mistral_v1 ships with the package)
   c.split_fraction = 0.8       # train on this hash-fraction of `train`; eval on the rest when

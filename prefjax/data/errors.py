@@ -23,6 +23,14 @@ class DataError(ValueError):
     what = f"field {field!r}: " if field else ""
     super().__init__(f"{where}: {what}{detail} [{reason}]")
 
+  def __reduce__(self):  # crosses process boundaries (grain workers) intact
+    return (_rebuild_data_error, (self.reason, self.detail, self.path, self.location,
+                                  self.field))
+
+
+def _rebuild_data_error(reason, detail, path, location, field) -> "DataError":
+  return DataError(reason, detail, path=path, location=location, field=field)
+
 
 class BadRecord(Exception):
   """Raised by format adapters for one record; the reader adds file and line."""

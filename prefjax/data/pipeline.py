@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any, Mapping
 
 import grain
@@ -16,7 +17,7 @@ import numpy as np
 
 from prefjax.data import config as config_lib
 from prefjax.data import formats, layouts, packing
-from prefjax.data.errors import DropStats
+from prefjax.data.errors import DataError, DropStats
 from prefjax.data.index import Index, build_index
 from prefjax.data.templates import Template, get_template
 from prefjax.data.tokenize import Limits, encode, truncate
@@ -37,6 +38,7 @@ class Settings:
   packing_bins: int
   policy: str
   template: Template
+  max_consecutive_drops: int = 10_000
 
   @classmethod
   def from_config(cls, cfg: Any) -> "Settings":
@@ -51,18 +53,56 @@ class Settings:
     limits.validate(2 if kind == "pairs" else 1)
     return cls(g("format"), kind, layout, limits, int(g("max_responses")),
                int(g("max_pairs_per_row")), int(g("packing_bins")), g("on_bad_record"),
-               get_template(g("chat_template")))
+               get_template(g("chat_template")),
+               int(10_000 if g("max_consecutive_drops") is None else g("max_consecutive_drops")))
 
 
 class Featurizer:
-  """Map transform: item (record index, sub item) -> element dict, or None when dropped."""
+  """Map transform: item (record index, sub item) -> element dict, or None when dropped.
+
+  A train split whose records stop yielding anything usable would otherwise be filtered
+  forever: after `stop_after` dropped items in a row (`data.max_consecutive_drops`, or one
+  whole pass of this process's items when that is fewer) it raises `DataError` with the
+  per-reason counts. It raises inside a grain worker process too; grain re-raises it here.
+  """
 
   def __init__(self, source: Any, settings: Settings, tokenizer: Tokenizer, *,
-               keep_blanks: bool = False):
+               keep_blanks: bool = False, split: str = "train", stop_after: int = 0):
     self.source, self.s, self.tok = source, settings, tokenizer
     # Eval keeps a masked blank in place of a dropped item (grain skips None elements).
     self.blank = layouts.BLANK if keep_blanks else None
     self.dropped = DropStats()
+    self.split, self.stop_after = split, int(stop_after)
+    self._in_a_row = 0
+    self._guard = threading.Lock()
+
+  def _drop(self, reason: str, where: str) -> None:
+    with self._guard:
+      self.dropped.add(reason, where)
+      self._in_a_row += 1
+      if self.stop_after and self._in_a_row >= self.stop_after:
+        counts = ", ".join(f"{r}={n}" for r, n in sorted(self.dropped.counts.items()))
+        first = "; ".join(f"{r} first at {locs[0]}"
+                          for r, locs in sorted(self.dropped.examples.items()) if locs)
+        raise DataError(
+            "no_usable_records",
+            f"no usable record in the last {self._in_a_row} records "
+            f"(dropped: {counts}; {first}); the records do not fit data.max_len="
+            f"{self.s.limits.max_len} / max_prompt_len={self.s.limits.max_prompt_len} / "
+            f"max_response_len={self.s.limits.max_response_len}: raise them or fix the data",
+            path=f"data {self.split}")
+
+  def _kept(self) -> None:
+    self._in_a_row = 0
+
+  def __getstate__(self):  # grain workers receive a pickled copy
+    state = dict(self.__dict__)
+    del state["_guard"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._guard = threading.Lock()
 
   def example(self, item: Any) -> formats.Example:
     ex = formats.parse(self.source[int(item[0])], self.s.fmt)
@@ -80,8 +120,9 @@ class Featurizer:
     t = truncate(encode(ex, self.tok, self.s.template), self.s.limits, keep_bos=self.tok.add_bos)
     if ex.kind == "pairs" and t.responses[0] == t.responses[1]:
       path, loc = self.source.where(int(item[0]))
-      self.dropped.add("identical_after_truncation", f"{path} {loc}")
+      self._drop("identical_after_truncation", f"{path} {loc}")
       return self.blank
+    self._kept()
     if self.s.layout == "packed":
       return packing.packed_features(t.prompt, t.responses)
     if self.s.layout == "prompt_shared":
@@ -270,7 +311,9 @@ def make_pipeline(data_config: Any, tokenizer: Tokenizer | str | None = None, *,
   global_batch = int(g("batch_size") if train else (g("eval_batch_size") or g("batch_size")))
   batch = _local_batch(global_batch, process_count)
   items = _shard(index.items, process_index, process_count, pad=not train)
-  featurizer = Featurizer(index.source, s, tok, keep_blanks=not train)
+  featurizer = Featurizer(index.source, s, tok, keep_blanks=not train, split=split,
+                          stop_after=(min(s.max_consecutive_drops, len(items))
+                                      if train and s.max_consecutive_drops > 0 else 0))
   ds = grain.MapDataset.source(items)
   if train:
     if g("shuffle"):

@@ -369,10 +369,7 @@ def run_iterative_dpo(config: Any, workdir: str) -> list[dict[str, Any]]:
       with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         build_iteration_data(get_round(), run_dir, policy, t)
     if not iteration_complete(run_dir, cfg_t):
-      out = loop.run(cfg_t, str(run_dir))
-      if "stopped_by_signal" in out:
-        logging.warning("iteration %d stopped by a signal; re-run to resume", t)
-        return read_rows(wd)
+      loop.run(cfg_t, str(run_dir))  # a signal raises loop.StoppedBySignal: rerun resumes
     stats_path = run_dir / "generation_stats.json"
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
     append_row(wd, {"stage": "iteration", "iteration": t, **stats,

@@ -39,11 +39,38 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm of a step was NaN/inf (nothing was saved from it)."""
 
 
+class StoppedBySignal(Exception):
+  """The run stopped on SIGTERM / SIGINT. `checkpoint_step`: the step the workdir resumes
+  from (saved at the stop, or the last one before it when the signal came while waiting for
+  data). The CLI exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
+
+  def __init__(self, signum: int, step: int, checkpoint_step: Optional[int], saved: bool):
+    self.signum, self.step, self.checkpoint_step, self.saved = signum, step, checkpoint_step, saved
+    name = signal.Signals(signum).name
+    if saved:
+      what = f"checkpoint saved (step {checkpoint_step})"
+    elif checkpoint_step is not None:
+      what = f"while waiting for data; the last checkpoint is step {checkpoint_step}"
+    else:
+      what = "while waiting for data, before any checkpoint"
+    super().__init__(f"stopped by {name} at step {step}, {what}; rerun the same command to "
+                     "resume")
+
+
+class _InterruptedWait(BaseException):
+  """Raised by the signal handler while the loop is blocked waiting for the next batch."""
+
+
 class _StopSignal:
-  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly.
+
+  While the loop waits for the next batch (`waiting`), the signal interrupts the wait instead,
+  so a pipeline that blocks cannot hold the run; a second signal always stops at once.
+  """
 
   def __init__(self):
     self.signum: Optional[int] = None
+    self.waiting = False
     self._old = {}
 
   def __enter__(self):
@@ -55,7 +82,13 @@ class _StopSignal:
     return self
 
   def _handle(self, signum, _frame):
+    if self.signum is not None:  # the second signal: stop now, the default way
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
     self.signum = signum
+    if self.waiting:
+      raise _InterruptedWait()
 
   def __exit__(self, *exc):
     for s, h in self._old.items():
@@ -277,7 +310,18 @@ class Trainer:
       step = start
       while step < self.total_steps:
         t_wait = time.perf_counter()
-        local = next(data_iter)
+        try:
+          stop.waiting = True
+          if stop.signum is None:
+            local = next(data_iter)
+          else:
+            raise _InterruptedWait()
+        except _InterruptedWait:
+          flush()
+          self.ckpt.wait()
+          raise StoppedBySignal(stop.signum, step, self.ckpt.latest_step(), False) from None
+        finally:
+          stop.waiting = False
         batch = self._global_batch(local)
         wait = time.perf_counter() - t_wait
         state, metrics = self._train_one(state, batch)
@@ -300,8 +344,8 @@ class Trainer:
         if stop.requested(sync=step % every_log == 0):
           logging.warning("signal %s: saving step %d and exiting", stop.signum, step)
           self._save(step, state, data_iter, None, force=True)
-          last["stopped_by_signal"] = stop.signum
-          break
+          self.ckpt.wait()
+          raise StoppedBySignal(stop.signum or signal.SIGTERM, step, step, True)
       else:
         flush()
         self._save(step, state, data_iter, None, force=True)
@@ -334,6 +378,11 @@ class Trainer:
     self.writer.progress(step, m["loss"], m["tokens_per_s"])
     every = int(self.config.log.every_steps)
     if step % every == 0 or step == 1 or step == self.total_steps:
+      # Records dropped so far, by reason (found when the index was built, and after
+      # truncation in this process: with grain worker processes those stay in the workers).
+      dropped = getattr(self.train_iter, "dropped", None)
+      if dropped is not None:
+        m.update({f"data/dropped/{r}": float(n) for r, n in sorted(dropped.counts.items())})
       self.writer.write(step, m)
     return {"step": step, **m}
 
@@ -385,6 +434,9 @@ class Trainer:
       self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
+    for it in (getattr(self, "train_iter", None), self._eval_iter):
+      if it is not None and hasattr(it, "close"):
+        it.close()  # stops grain worker processes before the interpreter exits
 
 
 def _debug_signal_due(train_cfg: Any, step: int) -> bool:
