@@ -58,6 +58,19 @@ def accelerator_host(env: Mapping[str, str],
   return None
 
 
+def pin_cpu_platform(env: MutableMapping[str, str]) -> bool:
+  """On a host with no accelerator and no `JAX_PLATFORMS`, sets `JAX_PLATFORMS=cpu`.
+
+  With `jax[tpu]` installed (libtpu, e.g. for ahead-of-time TPU compiles), JAX otherwise
+  probes for TPU chips at start-up and libtpu logs errors about missing TPU worker hostnames
+  on every CPU run. Returns whether it set the variable.
+  """
+  if env.get("JAX_PLATFORMS") or accelerator_host(env) is not None:
+    return False
+  env["JAX_PLATFORMS"] = "cpu"
+  return True
+
+
 def _glibc_supports_hugetlb() -> bool:
   if sys.platform != "linux":
     return False

@@ -166,6 +166,7 @@ def run() -> None:
   (prefjax/host_env.py; opt out with PREFJAX_HOST_MALLOC=0).
   """
   from prefjax import host_env  # pylint: disable=g-import-not-at-top
+  host_env.pin_cpu_platform(os.environ)  # no TPU probing (and libtpu's errors) on CPU hosts
   host_env.reexec_with_tuned_malloc()
   app.run(main, flags_parser=flag_parsing.parse_flags)
 

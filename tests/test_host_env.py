@@ -91,3 +91,13 @@ def test_no_reexec_on_a_tpu_host():
   """The entry point leaves a TPU process alone (checked before glibc / THP support)."""
   assert _child({"JAX_PLATFORMS": "tpu", "TPU_ACCELERATOR_TYPE": "v5litepod-8"}) == \
       "['a', '--b=c d']"
+
+
+def test_pin_cpu_platform_only_without_accelerator_or_choice():
+  from prefjax import host_env  # pylint: disable=g-import-not-at-top
+  env = {}
+  assert host_env.pin_cpu_platform(env) == (host_env.accelerator_host({}) is None)
+  env = {"JAX_PLATFORMS": "tpu"}
+  assert not host_env.pin_cpu_platform(env) and env["JAX_PLATFORMS"] == "tpu"
+  env = {"TPU_ACCELERATOR_TYPE": "v5litepod-8"}
+  assert not host_env.pin_cpu_platform(env) and "JAX_PLATFORMS" not in env
