@@ -107,9 +107,11 @@ def _query_pre_attn_scalar(f: GGUFFile, embed: int, heads: int, head_dim: int,
     return None
   scale = f.arch_get("attention.scale")
   if scale:
-    return 1.0 / float(scale) ** 2
-  is_27b = (f.arch, layers) in (("gemma2", 46), ("gemma3", 62))
-  return embed / heads if is_27b else float(head_dim)
+    value = 1.0 / float(scale) ** 2
+  else:
+    is_27b = (f.arch, layers) in (("gemma2", 46), ("gemma3", 62))
+    value = embed / heads if is_27b else float(head_dim)
+  return int(value) if float(value).is_integer() else value  # transformers wants an int
 
 
 def _rope(f: GGUFFile) -> dict[str, Any]:

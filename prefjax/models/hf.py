@@ -182,7 +182,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   if fam in ("llama", "mistral"):
     hf["mlp_bias"] = False
   if fam in ("gemma2", "gemma3"):
-    hf.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    hf.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
               attn_logit_softcapping=cfg.attn_logit_softcap,
               final_logit_softcapping=cfg.final_logit_softcap,
               sliding_window=cfg.sliding_window or cfg.max_position_embeddings,
