@@ -10,6 +10,7 @@ import numpy as np
 
 from prefjax import data as data_lib
 from prefjax.train import reference as ref_lib
+from prefjax.train import validation
 
 # Batch keys the jitted step consumes (the rest of a batch stays on the host).
 MODEL_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "branch_ids",
@@ -61,10 +62,10 @@ def total_steps(config: Any, tokenizer: Any) -> int:
     return int(config.total_steps)
   epochs = float(config.get("num_epochs", 0) or 0)
   if epochs <= 0:
-    raise ValueError("set total_steps > 0 or num_epochs > 0")
+    raise validation.ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
   if layout(config) in ("packed", "prompt_shared"):
-    raise ValueError("num_epochs needs a padded layout (packed rows per epoch are not known "
-                     "ahead); set total_steps")
+    raise validation.ConfigError("config.num_epochs needs a padded layout (packed rows per "
+                                 "epoch are not known ahead); set config.total_steps")
   it = pipeline(config, tokenizer, "train")
   per_epoch = it.info.local_items // it.info.local_batch_size
   it.close()

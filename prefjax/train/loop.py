@@ -129,7 +129,9 @@ class Trainer:
     self.eval_fn = None
     self.diag_fn = None
     self._eval_iter = None
+    validation.check_startup_paths(config)  # tokenizer, eval sets, model / reference init
     self._setup_model()
+    validation.check_heads(self.model_cfg, dict(mesh.shape), rules)
     # Before anything is written: a resume must not change what the checkpoints hold.
     self._previous_config = self._check_resume()
     ckpt_lib.check_writable(workdir, builders.checkpoint_bytes(
@@ -283,6 +285,8 @@ class Trainer:
     """Runs (or resumes) training to `total_steps`; returns the last metrics."""
     c = self.config
     self.train_iter = data_iter = data_io.pipeline(c, self.tokenizer, "train")
+    if self._eval_due(self.total_steps):
+      self._eval_batches()  # opens and validates the eval set(s) before the first step
     state = self._restore_or_init(data_iter)
     start = int(jax.device_get(state.step))
     self._write_config(start)

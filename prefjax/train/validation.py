@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +147,7 @@ def validate(config: Any, *, num_devices: int | None = None,
   layout = config.data.get("layout", "padded")
   _check(layout in ("padded", "packed", "prompt_shared"),
          f"config.data.layout={layout!r}; expected padded | packed | prompt_shared")
+  validate_data_keys(config.data)
   _check(not (task in ("sft", "kto") and layout != "padded"),
          f"task {task!r} needs config.data.layout='padded' (packing is for pairs)")
   best = config.ckpt.get("best_metric") or ""
@@ -172,3 +173,134 @@ def check_vocabulary(tokenizer_size: int, model_vocab: int, tokenizer: str) -> N
          f"has {model_vocab} rows (model.vocab_size / model.init): token ids >= {model_vocab} "
          "would index past the embedding; use the model's own tokenizer")
 
+
+
+# Enumerated `data.*` keys: key -> allowed values (`data.format` also takes "auto").
+def _data_choices() -> dict[str, tuple[str, ...]]:
+  from prefjax.data import formats, templates  # pylint: disable=import-outside-toplevel
+  return {
+      "format": ("auto",) + tuple(formats.FORMATS),
+      "kind": ("pairs", "unpaired", "sft", "rankings"),
+      "layout": ("padded", "packed", "prompt_shared"),
+      "on_bad_record": ("error", "skip"),
+      "chat_template": tuple(templates.TEMPLATES),
+  }
+
+
+def validate_data_keys(data: Any) -> None:
+  """Each enumerated `data.*` key holds one of its allowed values (one line listing them)."""
+  from prefjax.data import config as data_config  # pylint: disable=import-outside-toplevel
+  for key, allowed in _data_choices().items():
+    value = data_config.get(data, key)
+    _check(value in allowed, f"config.data.{key}={value!r}; expected one of: "
+           f"{', '.join(allowed)}")
+
+
+def _local(path: str) -> bool:
+  return "://" not in path
+
+
+def _eval_paths(spec: Any) -> list[tuple[str, str]]:
+  """(key, path) of every local path or glob `data.eval` names (tfds and URLs skipped)."""
+  if spec is None:
+    return []
+  if hasattr(spec, "items"):
+    return [(f"config.data.eval.{k}", p) for k, v in spec.items() for _, p in _eval_paths(v)]
+  if isinstance(spec, (list, tuple)):
+    return [kp for v in spec for kp in _eval_paths(v)]
+  spec = str(spec)
+  if not _local(spec) or spec.startswith("tfds:"):
+    return []
+  return [("config.data.eval", spec)]
+
+
+def check_data_paths(config: Any) -> None:
+  """`data.tokenizer` and the local `data.eval` files exist (before a model is built)."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from prefjax.data import config as data_config  # pylint: disable=import-outside-toplevel
+  from prefjax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  name = str(data_config.get(config.data, "tokenizer"))
+  try:
+    path = tok_lib._resolve(name)  # pylint: disable=protected-access
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.data.tokenizer: {e}") from None
+  if _local(path):
+    _check(os.path.isfile(os.path.expanduser(path)),
+           f"config.data.tokenizer={name!r}: no such file {path!r} (expected a SentencePiece "
+           "tokenizer.model, a .gguf file, or a name: mistral_v1, gemma, gemma3)")
+  for key, spec in _eval_paths(config.data.get("eval")):
+    p = os.path.expanduser(spec)
+    found = glob.glob(p) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
+    _check(bool(found), f"{key}={spec!r}: no such file" + (" (glob matched nothing)"
+                                                           if glob.has_magic(p) else ""))
+    for f in found:
+      _check(os.access(f, os.R_OK), f"{key}={spec!r}: {f} is not readable")
+
+
+def describe_init_path(path: str) -> str:
+  """What a `model.init` / `reference.init` local path holds: a short description used when
+  it cannot be loaded (missing / empty / unrecognised ...)."""
+  import os  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    return "does not exist"
+  if os.path.isfile(path):
+    return "is a file that is neither a .gguf model nor a checkpoint directory"
+  entries = os.listdir(path)
+  if not entries:
+    return "is an empty directory"
+  ckpts = os.path.join(path, "checkpoints")
+  if os.path.isdir(ckpts) and not any(e.isdigit() for e in os.listdir(ckpts)):
+    return "is a prefjax workdir without any checkpoint step"
+  return f"is a directory with no checkpoint in it (holds {', '.join(sorted(entries)[:5])})"
+
+
+_INIT_EXPECTED = ("expected a prefjax workdir (with checkpoints/<step>), a Hugging Face "
+                  "directory (config.json + *.safetensors), a .gguf file, or a Flax / Orbax "
+                  "params checkpoint directory")
+
+
+def check_init_path(key: str, path: Optional[str]) -> None:
+  """`model.init` / `reference.init` (`key`) names something loadable: one line saying what
+  the path holds and what was expected otherwise."""
+  import os  # pylint: disable=import-outside-toplevel
+  if not path or not _local(str(path)):
+    return
+  path = os.path.expanduser(str(path))
+  ok = False
+  if path.endswith(".gguf"):
+    ok = os.path.isfile(path)
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    ckpts = os.path.join(path, "checkpoints")
+    ok = any(e.isdigit() for e in os.listdir(ckpts))
+  elif os.path.isfile(os.path.join(path, "config.json")):
+    ok = True  # Hugging Face directory: the loader names missing weight files
+  elif os.path.isdir(path):
+    entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    ok = bool(entries) and ("_METADATA" in entries or "_CHECKPOINT_METADATA" in entries
+                            or "checkpoint" in entries or any(
+                                os.path.isdir(os.path.join(path, e)) for e in entries))
+  _check(ok, f"config.{key}={path!r} {describe_init_path(path)}; {_INIT_EXPECTED}")
+
+
+def check_startup_paths(config: Any) -> None:
+  """Every local path the config names for a training run, before anything is built."""
+  check_init_path("model.init", config.model.get("init"))
+  check_init_path("reference.init", (config.get("reference") or {}).get("init"))
+  check_data_paths(config)
+
+
+def check_heads(model_cfg: Any, mesh_shape: dict, rules: Any) -> None:
+  """`mesh.tensor` divides the attention heads it shards (num_heads; num_kv_heads when the
+  sharding rules split KV heads too)."""
+  tensor = int(mesh_shape.get("tensor", 1))
+  if tensor <= 1:
+    return
+  n, k = int(model_cfg.num_heads), int(model_cfg.num_kv_heads)
+  sharded_kv = any(name in ("kv_heads", "activation_kv_heads") and axis is not None and
+                   "tensor" in (axis if isinstance(axis, (tuple, list)) else (axis,))
+                   for name, axis in rules)
+  _check(n % tensor == 0 and (not sharded_kv or k % tensor == 0),
+         f"config.mesh.tensor={tensor} must divide the model's attention heads "
+         f"(num_heads={n}, num_kv_heads={k}" + ("" if sharded_kv else ", KV heads unsplit")
+         + ")")
