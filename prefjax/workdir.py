@@ -15,7 +15,8 @@ Config on resume. `check_resume(saved, new, step)` compares the config a workdir
 were written with (`config.json`) against the new one, key by key (dotted names):
   * keys that define the state's shapes or the data stream (`REFUSE_PREFIXES`: the task, the
     model and its resolved architecture, LoRA, tokenizer, lengths, layout, data files and
-    format, batch size, reference mode / init, loss name) refuse the resume with a diff;
+    format, batch size, the seed of the data order, reference mode / init, loss name) refuse
+    the resume with a diff;
   * run-length and reporting keys (`SILENT_PREFIXES`: total_steps, frequencies, logging,
     kernels, the compilation cache) change silently;
   * everything else (learning rate, schedule, loss hyperparameters, ...) proceeds with a
@@ -48,6 +49,7 @@ REFUSE_PREFIXES = (
     "data.max_pairs_per_row", "data.train", "data.eval", "data.format", "data.kind",
     "data.split_fraction", "data.holdout", "data.batch_size", "data.chat_template",
     "data.seed", "data.shuffle", "reference.mode", "reference.init", "loss.name",
+    "seed",  # seeds the data order that the saved iterator position refers to
 )
 SILENT_PREFIXES = (
     "total_steps", "num_epochs", "eval.every_steps", "eval.num_batches", "eval.diagnostics",

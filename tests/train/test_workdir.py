@@ -97,7 +97,8 @@ def test_classification():
   assert c("data.train") == c("loss.name") == c("model.lora.rank") == "refuse"
   assert c("total_steps") == c("eval.every_steps") == c("kernels.attention") == "silent"
   assert c("train.debug_signal_at_step") == c("log.progress") == "silent"
-  assert c("optim.learning_rate") == c("loss.beta") == c("seed") == "warn"
+  assert c("optim.learning_rate") == c("loss.beta") == c("mesh.fsdp") == "warn"
+  assert c("seed") == "refuse"
   assert c("total_steps", precomputed_reference=True) == "refuse"
   changes = workdir_lib.config_changes({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 1, "c": (1, 2),
                                                                           "d": 3}})
