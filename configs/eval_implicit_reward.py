@@ -31,7 +31,7 @@ except ImportError:  # run from outside the repository root
 
 
 def get_config(arg=None):
-  """Implicit-reward evaluation; `gemma`: TPU data settings; `runlocal`: two small sets on CPU."""
+  """Implicit-reward evaluation; `gemma`: TPU data settings; `runlocal`: shipped HH sample, CPU."""
   a = common.parse_arg(arg, runlocal=False, gemma=False)
   c = eval_reward.get_config(",".join(k for k in ("runlocal", "gemma") if a[k]) or None)
   c.task = "eval_implicit_reward"

@@ -31,8 +31,11 @@ def any_type(value):
   return ml_collections.FieldReference(value, field_type=object)
 
 
-# The two sets the `runlocal` variants read (small, one ID and one OOD).
-LOCAL_SETS = "hh_helpful_base,llmbar_natural"
+# The set the `runlocal` variants read: the HH-RLHF helpful-base sample shipped in the package
+# (prefjax/assets/data), so they run from a fresh clone; the OOD sets are not shipped.
+LOCAL_SETS = "hh_helpful_base=" + os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "prefjax", "assets", "data", "hh_rlhf_helpful_base", "test.jsonl.gz") + "|id"
 
 
 def add_eval_keys(c):
@@ -63,7 +66,7 @@ def local_data(c):
 
 
 def get_config(arg=None):
-  """Explicit-RM evaluation; `gemma`: TPU data settings; `runlocal`: two small sets on CPU."""
+  """Explicit-RM evaluation; `gemma`: TPU data settings; `runlocal`: shipped HH sample, CPU."""
   a = common.parse_arg(arg, runlocal=False, gemma=False)
   c = common.base_config()
   c.task = "eval_reward"

@@ -53,8 +53,8 @@ def _truncate(path: pathlib.Path) -> None:
 
 @pytest.mark.parametrize("damage,needle", [
     (_flip, "does not match its checksum"),
-    (_truncate, "bytes, "),
-    (lambda p: p.unlink(), "is missing"),
+    pytest.param(_truncate, "bytes, ", marks=pytest.mark.slow),
+    pytest.param(lambda p: p.unlink(), "is missing", marks=pytest.mark.slow),
 ])
 def test_damaged_latest_step_falls_back_to_the_previous_one(trained, tmp_path, damage, needle):
   run = _copy(trained, tmp_path)
@@ -106,6 +106,16 @@ def test_manifest_verification_unit(tmp_path):
   (step / "state" / "d" / "a").write_bytes(b"x" * 1000)
   (step / "state" / "extra").write_bytes(b"1")
   assert "was not part of the saved step" in ckpt_lib.verify_step(str(step))
+  (step / "state" / "extra").unlink()
+  (step / "state" / "d" / "a").write_bytes(b"x" * 500)
+  assert "has 500 bytes, 1000 were written" in ckpt_lib.verify_step(str(step))
+  (step / "state" / "d" / "a").unlink()
+  assert "state/d/a is missing" in ckpt_lib.verify_step(str(step))
+
+
+def test_free_space_is_reported_in_mib_under_a_gib():
+  assert ckpt_lib._size(20 * 2**20) == "20.0 MiB"  # pylint: disable=protected-access
+  assert ckpt_lib._size(3 * 2**30) == "3.00 GiB"  # pylint: disable=protected-access
 
 
 def _limit_file_size():

@@ -7,7 +7,7 @@ import dataclasses
 from absl import logging
 
 # Reasons that are policies, not errors: dropped and counted under both policies.
-POLICY_DROPS = ("identical", "identical_after_truncation", "tie", "too_long_prompt")
+POLICY_DROPS = ("identical", "identical_after_truncation", "tie")
 
 
 class DataError(ValueError):

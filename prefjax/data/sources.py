@@ -61,6 +61,9 @@ def _hf_dir_files(p: epath.Path) -> list[str]:
   return [str(p / f["filename"]) for f in state.get("_data_files", [])]
 
 
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, accepted at the start of a text file
+
+
 def _decode_json(raw: bytes) -> dict:
   try:
     text = raw.decode("utf-8")
@@ -94,6 +97,8 @@ class JsonlFile:
     ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
     starts = np.concatenate([[0], ends + 1])
     ends = np.concatenate([ends, [len(data)]])
+    if data.startswith(_BOM):
+      starts[0] = len(_BOM)  # byte offsets stay file offsets: the record starts after the BOM
     keep = [i for i in range(len(starts)) if data[starts[i]:ends[i]].strip()]
     self._starts, self._ends = starts[keep], ends[keep]
     self._lines = np.asarray(keep, np.int64) + 1
@@ -128,7 +133,7 @@ class JsonArrayFile:
   def __init__(self, path: str, data: bytes):
     self.path = path
     try:
-      value = json.loads(data.decode("utf-8"))
+      value = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
       raise DataError("invalid_utf8", f"invalid UTF-8 at byte {e.start}", path=path) from None
     except json.JSONDecodeError as e:
@@ -238,7 +243,7 @@ def open_file(path: str):
     src = ArrayRecordFile(path)
   elif name.endswith(".json"):
     data = _read_bytes(path)
-    if data.lstrip()[:1] == b"[":
+    if data.removeprefix(_BOM).lstrip()[:1] == b"[":
       src = JsonArrayFile(path, data)
     else:
       src = JsonlFile(path)
