@@ -109,16 +109,8 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
   a prefjax workdir."""
   kind = init_kind(path)
   if kind == "workdir":
-    from prefjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     cfg = saved_model_config(path, model, task=source_task(path, task))
-    sh = models.param_shardings(cfg, mesh, rules)
-    abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
-                            models.abstract_params(cfg), sh)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    try:
-      params = ckpt.restore_params(None, abstract)
-    finally:
-      ckpt.close()
+    params, _ = restore_workdir_params(path, cfg, mesh=mesh, rules=rules)
     return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
   runtime = {k: model.get(k) for k in RUNTIME_KEYS if model.get(k) is not None}
   if kind == "hf":
@@ -129,6 +121,53 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
     cfg, params = models.load_flax_gemma_checkpoint(path, model.preset, mesh=mesh, rules=rules,
                                                     **runtime)
   return adapt_head(cfg, params, task=task, model=model, mesh=mesh, rules=rules)
+
+
+def saved_lora(workdir: str) -> Any:
+  """The `LoraConfig` a prefjax workdir trained with (None: full fine-tuning)."""
+  from prefjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  spec = ((saved_run_config(workdir) or {}).get("model") or {}).get("lora") or {}
+  if not int(spec.get("rank") or 0):
+    return None
+  targets = spec.get("targets") or "q,k,v,o"
+  if isinstance(targets, str):
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  return lora_lib.LoraConfig(int(spec["rank"]), float(spec.get("alpha") or 2 * int(spec["rank"])),
+                             tuple(targets))
+
+
+def restore_workdir_params(workdir: str, cfg: Any, *, mesh: Mesh, rules: Any,
+                           step: Optional[int] = None) -> tuple[Any, Any]:
+  """The trained model's params of a prefjax workdir (its newest intact checkpoint, or `step`),
+  sharded for `mesh`, and the run's LoRA adapters (None for a full fine-tuning run).
+
+  A LoRA run's checkpoint holds the adapters (`params`) and the frozen base (`ref_params`):
+  the returned params are the base with the adapters merged.
+  """
+  from prefjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from prefjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  sh = models.param_shardings(cfg, mesh, rules)
+  abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                          models.abstract_params(cfg), sh)
+  lcfg = saved_lora(workdir)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    if lcfg is None:
+      return ckpt.restore_params(step, abstract), None
+    adapters = jax.eval_shape(lambda: lora_lib.init_adapters(cfg, abstract, lcfg,
+                                                             jax.random.key(0)))
+    also = ("reward_head",) if cfg.num_reward_heads else ()
+    trainable = lora_lib.trainable_from(abstract, adapters, also)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainable = jax.tree.map(
+        lambda x: x if getattr(x, "sharding", None) is not None
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), trainable)
+    got = ckpt.restore_subtrees(step, {"params": trainable, "ref_params": abstract})
+  finally:
+    ckpt.close()
+  merged = jax.jit(lambda b, t: lora_lib.apply(b, t, lcfg, cfg), out_shardings=sh)(
+      got["ref_params"], got["params"])
+  return merged, (lcfg, got["params"]["lora"])
 
 
 def saved_run_config(workdir: str) -> Optional[dict]:
