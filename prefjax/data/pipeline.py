@@ -117,7 +117,8 @@ class Featurizer:
     if int(item[0]) < 0:  # eval padding
       return self.blank
     ex = self.example(item)
-    t = truncate(encode(ex, self.tok, self.s.template), self.s.limits, keep_bos=self.tok.add_bos)
+    t = truncate(encode(ex, self.tok, self.s.template, self.s.limits), self.s.limits,
+                 keep_bos=self.tok.add_bos)
     if ex.kind == "pairs" and t.responses[0] == t.responses[1]:
       path, loc = self.source.where(int(item[0]))
       self._drop("identical_after_truncation", f"{path} {loc}")

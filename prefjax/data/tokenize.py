@@ -48,13 +48,37 @@ class Tokenized:
   truncated: bool = False
 
 
-def encode(ex: Example, tok: Tokenizer, template: Template) -> Tokenized:
-  """Renders the prompt with the chat template; BOS before the prompt, EOS after responses."""
-  prompt = tok.encode_prompt(render_prompt(template, ex.prompt, ex.prompt_text),
-                             template.specials)
-  responses = [tok.encode_response(template.render_response(r), template.specials)
-               for r in ex.responses]
-  return Tokenized(prompt, responses)
+# Characters kept past the token budget when a text is cut before tokenizing, so that the
+# pieces near the cut (merges across it) never reach the tokens that are kept.
+CUT_MARGIN_CHARS = 1024
+
+
+def char_budget(tok: Tokenizer, max_tokens: int) -> int:
+  """Characters that always hold at least `max_tokens` tokens (no piece is longer than
+  `tok.max_piece_chars` characters), plus a margin."""
+  return max_tokens * tok.max_piece_chars + CUT_MARGIN_CHARS
+
+
+def encode(ex: Example, tok: Tokenizer, template: Template,
+           limits: Limits | None = None) -> Tokenized:
+  """Renders the prompt with the chat template; BOS before the prompt, EOS after responses.
+
+  With `limits`, a text far longer than its token budget is cut before tokenizing (the prompt
+  keeps its end, a response its start; `char_budget` characters), so a huge record costs
+  memory in proportion to the budget, not to its size; `truncate` then gives the same tokens.
+  """
+  prompt_text = render_prompt(template, ex.prompt, ex.prompt_text)
+  responses_text = [template.render_response(r) for r in ex.responses]
+  cut = False
+  if limits is not None:
+    pb, rb = char_budget(tok, limits.max_prompt_len), char_budget(tok, limits.max_response_len)
+    if len(prompt_text) > pb:
+      prompt_text, cut = prompt_text[-pb:], True
+    if any(len(r) > rb for r in responses_text):
+      responses_text, cut = [r[:rb] for r in responses_text], True
+  prompt = tok.encode_prompt(prompt_text, template.specials)
+  responses = [tok.encode_response(r, template.specials) for r in responses_text]
+  return Tokenized(prompt, responses, cut)
 
 
 def truncate(t: Tokenized, limits: Limits, *, keep_bos: bool) -> Tokenized:

@@ -36,6 +36,8 @@ class Tokenizer:
     self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
     self.pad_id = max(self.sp.pad_id(), 0)
     self.vocab_size = self.sp.get_piece_size()
+    # The longest piece in characters: N tokens never cover more than N * this.
+    self.max_piece_chars = max(len(self.sp.id_to_piece(i)) for i in range(self.vocab_size))
     # Llama/Mistral models prepend "▁" to every encode() call: a response " text" is then
     # encoded from "text" so that it gets the same pieces as inside the whole transcript.
     self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
