@@ -204,7 +204,9 @@ def adapt_head(cfg: Any, params: Any, *, task: str, model: Any, mesh: Mesh, rule
         cfg, params, jax.random.PRNGKey(0), num_reward_heads=int(model.get(
             "num_reward_heads") or 1), mesh=mesh, rules=rules)
   if task != "reward" and cfg.num_reward_heads:
-    raise ValueError(f"model.init holds a reward model; task {task!r} needs a language model")
+    from prefjax.train import validation  # pylint: disable=g-import-not-at-top
+    raise validation.ConfigError(f"config.model.init holds a reward model; task {task!r} needs a "
+                                 "language model (an SFT / base checkpoint)")
   return cfg, params
 
 
