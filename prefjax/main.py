@@ -101,6 +101,9 @@ class _QuietLibraries(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     noisy = any(s in record.pathname for s in ("/orbax/", "/jax/", "/grain/", "/jaxlib/"))
+    if (record.name == "asyncio" and "never retrieved" in str(record.msg)
+        and "orbax" in str(record.msg)):
+      return False  # each write task of a failed save; the run's error line names the cause
     if "/orbax/" in record.pathname and record.exc_info:
       record.exc_info, record.exc_text = None, None
     return record.levelno >= logging.WARNING or not noisy
