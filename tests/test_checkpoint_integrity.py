@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pathlib
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,18 +19,11 @@ from tests.train import loop_helpers as lh
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A toy run with checkpoints at steps 2, 4 and 6 (copied per test)."""
-  root = tmp_path_factory.mktemp("integrity")
-  data = lh.write_pairs(root / "pairs.jsonl")
-  r = lh.run_main(str(root / "run"), lh.overrides(data))
-  assert r.returncode == 0, r.stderr[-3000:]
-  return root / "run", data
+  return lh.train_toy_run(tmp_path_factory.mktemp("integrity"))
 
 
 def _copy(trained, tmp_path) -> pathlib.Path:
-  src, _ = trained
-  dst = tmp_path / "run"
-  shutil.copytree(src, dst)
-  return dst
+  return lh.copy_run(trained[0], tmp_path)
 
 
 def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:

@@ -296,7 +296,6 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], *
   to cfg.param_dtype in the prefjax layout and, with `mesh`, placed straight into its target
   sharding. Returns `(cfg, params)`, stacked under `layers` when `scan_layers`.
   """
-  scan = scan_layers
   shardings = api.param_shardings(cfg, mesh, rules) if mesh is not None else None
   dtype = cfg.jnp_param_dtype
   params: dict = {}
@@ -308,7 +307,7 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], *
     b = np.zeros((cfg.num_reward_heads,), dtype)
     _set(params, ("reward_head", "b"), jax.device_put(b, shardings["reward_head"]["b"])
          if mesh is not None else jnp.asarray(b))
-  if scan:
+  if scan_layers:
     cfg = cfg.replace(scan_layers=True)
     params = api.stack_layers(cfg, params)
     if mesh is not None:

@@ -193,6 +193,35 @@ def merge(params: dict, adapters: dict, lcfg: LoraConfig, cfg: ModelConfig) -> d
   return out
 
 
+def config_from(spec: Any) -> Optional[LoraConfig]:
+  """`model.lora` keys (a mapping: rank, alpha, targets as "q,v" or a sequence) as a LoraConfig;
+  None when the rank is 0 or unset (full fine-tuning). alpha defaults to 2 * rank."""
+  spec = spec or {}
+  rank = int(spec.get("rank") or 0)
+  if not rank:
+    return None
+  targets = spec.get("targets") or "q,k,v,o"
+  if isinstance(targets, str):
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  return LoraConfig(rank, float(spec.get("alpha") or 2 * rank), tuple(targets))
+
+
+def also_trained(cfg: ModelConfig) -> tuple[str, ...]:
+  """Top-level params trained in full beside the adapters: a reward model's head."""
+  return ("reward_head",) if cfg.num_reward_heads else ()
+
+
+def abstract_trainable(cfg: ModelConfig, abstract_params: dict, lcfg: LoraConfig,
+                       adapter_sharding: Any) -> dict:
+  """`ShapeDtypeStruct`s of `trainable_from(...)` with shardings: the adapters on
+  `adapter_sharding`, the fully trained entries as `abstract_params` has them."""
+  adapters = jax.eval_shape(lambda: init_adapters(cfg, abstract_params, lcfg,
+                                                  jax.random.key(0)))
+  adapters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=adapter_sharding), adapters)
+  return trainable_from(abstract_params, adapters, also_trained(cfg))
+
+
 def trainable_from(params: dict, adapters: dict, also_train: tuple[str, ...] = ()) -> dict:
   """The trainable tree of a LoRA run: `{"lora": adapters, <key>: params[key] for also_train}`
   (e.g. a new reward model's `reward_head`, trained in full beside the adapters)."""

@@ -126,14 +126,7 @@ def load_pretrained(path: str, model: Any, *, task: str, mesh: Mesh, rules: Any
 def saved_lora(workdir: str) -> Any:
   """The `LoraConfig` a prefjax workdir trained with (None: full fine-tuning)."""
   from prefjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  spec = ((saved_run_config(workdir) or {}).get("model") or {}).get("lora") or {}
-  if not int(spec.get("rank") or 0):
-    return None
-  targets = spec.get("targets") or "q,k,v,o"
-  if isinstance(targets, str):
-    targets = [t.strip() for t in targets.split(",") if t.strip()]
-  return lora_lib.LoraConfig(int(spec["rank"]), float(spec.get("alpha") or 2 * int(spec["rank"])),
-                             tuple(targets))
+  return lora_lib.config_from(((saved_run_config(workdir) or {}).get("model") or {}).get("lora"))
 
 
 def restore_workdir_params(workdir: str, cfg: Any, *, mesh: Mesh, rules: Any,
@@ -154,14 +147,8 @@ def restore_workdir_params(workdir: str, cfg: Any, *, mesh: Mesh, rules: Any,
   try:
     if lcfg is None:
       return ckpt.restore_params(step, abstract), None
-    adapters = jax.eval_shape(lambda: lora_lib.init_adapters(cfg, abstract, lcfg,
-                                                             jax.random.key(0)))
-    also = ("reward_head",) if cfg.num_reward_heads else ()
-    trainable = lora_lib.trainable_from(abstract, adapters, also)
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    trainable = jax.tree.map(
-        lambda x: x if getattr(x, "sharding", None) is not None
-        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), trainable)
+    trainable = lora_lib.abstract_trainable(
+        cfg, abstract, lcfg, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     got = ckpt.restore_subtrees(step, {"params": trainable, "ref_params": abstract})
   finally:
     ckpt.close()

@@ -32,14 +32,14 @@ def export(config: Any, workdir: str) -> str:
                                                  step=None if step is None else int(step))
   if jax.process_index() == 0:
     models.save_hf_checkpoint(cfg, jax.device_get(params), out)
+    saved = builders.saved_run_config(src) or {}
     if lora is not None:
       from prefjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
       lcfg, adapters = lora
-      lora_lib.save_peft_adapters(cfg, jax.device_get(adapters), lcfg, os.path.join(out, "adapter"),
-                                  base_model_name_or_path=str((builders.saved_run_config(src) or {})
-                                                              .get("model", {}).get("init") or ""))
-    tokenizer = ((builders.saved_run_config(src) or {}).get("data") or {}).get("tokenizer")
-    tokenizer = tokenizer or config.data.get("tokenizer")
+      lora_lib.save_peft_adapters(
+          cfg, jax.device_get(adapters), lcfg, os.path.join(out, "adapter"),
+          base_model_name_or_path=str((saved.get("model") or {}).get("init") or ""))
+    tokenizer = (saved.get("data") or {}).get("tokenizer") or config.data.get("tokenizer")
     if tokenizer:
       write_tokenizer(str(tokenizer), cfg, out)
   return out

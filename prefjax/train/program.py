@@ -43,18 +43,7 @@ def head_options(config: Any, kernels: models.Kernels) -> tasks_lib.HeadOptions:
 
 def lora_config(config: Any) -> Optional[lora_lib.LoraConfig]:
   """`model.lora.*` as a `LoraConfig`, or None when `model.lora.rank` is 0 / unset."""
-  spec = config.model.get("lora")
-  if spec is None or not int(spec.get("rank") or 0):
-    return None
-  targets = spec.get("targets") or "q,k,v,o"
-  if isinstance(targets, str):
-    targets = [t.strip() for t in targets.split(",") if t.strip()]
-  return lora_lib.LoraConfig(int(spec.rank), float(spec.get("alpha") or 2 * int(spec.rank)),
-                             tuple(targets))
-
-
-# Top-level params trained in full beside LoRA adapters, per task (a new reward head).
-LORA_ALSO_TRAIN = {"reward": ("reward_head",)}
+  return lora_lib.config_from(config.model.get("lora"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +98,10 @@ class Programs:
     """`state.params` of a new run from the initial model `params` (LoRA: fresh adapters)."""
     if self.lora is None:
       return params
-    also = LORA_ALSO_TRAIN.get(self.config.task, ())
     adapters = jax.jit(lambda: lora_lib.init_adapters(self.model_cfg, self.abstract_params,
                                                       self.lora, jax.random.key(seed)),
                        out_shardings=self.train_sh["lora"])()
-    return lora_lib.trainable_from(params, adapters, also)
+    return lora_lib.trainable_from(params, adapters, lora_lib.also_trained(self.model_cfg))
 
   def policy_params(self, state: state_lib.TrainState) -> Any:
     """The trained model's params (LoRA: the base with the adapters merged)."""
@@ -180,14 +168,9 @@ def build(config: Any, mesh: Mesh, rules: Any, model_cfg: Any, total_steps: int)
                     tx, schedule, task, state_sh, None, param_sh, abstract)
   # LoRA: adapters (small, replicated) and a reward task's new head are trained; the base is
   # the frozen reference.
-  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(model_cfg, abstract, lcfg,
-                                                           jax.random.key(0)))
-  repl = NamedSharding(mesh, P())
-  also = LORA_ALSO_TRAIN.get(config.task, ())
-  train_sh = lora_lib.trainable_from(param_sh, jax.tree.map(lambda _: repl, adapters), also)
-  abstract_train = jax.tree.map(
-      lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
-      lora_lib.trainable_from(abstract, adapters, also), train_sh)
+  abstract_train = lora_lib.abstract_trainable(model_cfg, abstract, lcfg,
+                                               NamedSharding(mesh, P()))
+  train_sh = jax.tree.map(lambda x: x.sharding, abstract_train)
   task = tasks_lib.with_lora(task, lcfg, model_cfg)
   state_sh = state_lib.state_shardings(tx, abstract_train, train_sh, mesh, True, ref_sh=param_sh)
   return Programs(config, mesh, mode, layout, head, model_cfg, kernels, param_sh, abstract, tx,

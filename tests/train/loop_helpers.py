@@ -42,6 +42,23 @@ def overrides(data_path: str, **extra) -> list[str]:
   return [f"--config.{k}={v}" for k, v in base.items()]
 
 
+def train_toy_run(root: pathlib.Path) -> tuple[pathlib.Path, str]:
+  """Trains the toy run of `overrides` (checkpoints at steps 2, 4, 6) in `root/run`; returns
+  (run dir, data path)."""
+  data = write_pairs(root / "pairs.jsonl")
+  r = run_main(str(root / "run"), overrides(data))
+  assert r.returncode == 0, r.stderr[-3000:]
+  return root / "run", data
+
+
+def copy_run(run: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  """A copy of a trained run dir at `tmp_path/run` (one per test that damages or resumes it)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  dst = tmp_path / "run"
+  shutil.copytree(run, dst)
+  return dst
+
+
 def run_main(workdir: str, args: list[str], config: str = "configs/quickstart.py:runlocal",
              env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
   env = dict(os.environ)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,17 +16,11 @@ from tests.train import loop_helpers as lh
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("workdir")
-  data = lh.write_pairs(root / "pairs.jsonl")
-  r = lh.run_main(str(root / "run"), lh.overrides(data))
-  assert r.returncode == 0, r.stderr[-3000:]
-  return root / "run", data
+  return lh.train_toy_run(tmp_path_factory.mktemp("workdir"))
 
 
 def _copy(trained, tmp_path):
-  dst = tmp_path / "run"
-  shutil.copytree(trained[0], dst)
-  return dst
+  return lh.copy_run(trained[0], tmp_path)
 
 
 def _start(workdir, data, **extra):
